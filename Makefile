@@ -1,0 +1,30 @@
+# The two commands of the README:
+#   make demo   set up .venv and run the EVA job on the embedded default (MiniLM + shipped support-intents data)
+#   make test   set up .venv and run the test suite
+# On a GPU machine keep your CUDA torch: `make test TORCH_SPEC=` installs evapipe around the torch you have.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ] && ! $(VENV)/bin/python -c "import torch" 2>/dev/null; then \
+		$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/python -m evapipe.compute --config configs/default.yaml
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+bench: setup
+	$(VENV)/bin/python benchmarks/bench_eva.py
+
+.PHONY: setup demo test bench

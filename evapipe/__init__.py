@@ -1,0 +1,40 @@
+"""evapipe: EVA-initialised LoRA adapters, computed as a (multi-process) pipeline.
+
+Python API (each CLI command wraps one of these):
+    compute_eva_state(model, dataloader, EvaSettings(r=8))  -> EvaState   (your model and dataloader)
+    run_job(load_config("cfg.yaml"))                          -> JobResult  (the config-driven job)
+    load_state(path) / read_metadata(path)                     -> EvaState / dict
+    apply_eva_state(model, state)                              -> trainable PeftModel (lora_A = state, lora_B = 0)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "EvaSettings": "config", "JobConfig": "config", "load_config": "config", "config_from_dict": "config",
+    "compute_eva_state": "engine", "run_job": "compute",
+    "EvaState": "state", "load_state": "state", "read_metadata": "state",
+    "apply_eva_state": "apply",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy exports, so `evapipe --help` and metadata reads do not import torch."""
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(name)
+
+
+if TYPE_CHECKING:
+    from .apply import apply_eva_state
+    from .compute import run_job
+    from .config import EvaSettings, JobConfig, config_from_dict, load_config
+    from .engine import compute_eva_state
+    from .state import EvaState, load_state, read_metadata

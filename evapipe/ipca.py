@@ -1,0 +1,248 @@
+"""Incremental PCA: mean-centred, sklearn-style merging, with a warm-started randomised top-k SVD.
+
+Each update takes the top right-singular vectors of the matrix A that stacks the previous estimate (singular
+values x components), the new batch centred on its own mean, and a mean-correction row (as scikit-learn's
+IncrementalPCA). A is never built, nor is the centred batch: one Rayleigh-Ritz step of a randomised range finder
+needs only two products with the raw batch X, Y = A Z (from X Z) and B = Q^T A (from X^T [Q 1], whose last column
+also gives the batch mean), where Z holds the previous components plus a few fresh random directions (the estimate
+is its own warm start) and Q is an orthonormal basis of Y.
+
+Choices, each measured (benchmarks/levers.py and the README's "Performance" section):
+
+* no power iteration once warm: with the previous components as the start, the top-16 subspace after 40 MiniLM
+  batches captures 0.9995 of what the exact PCA of the same tokens captures, vs 0.9996 with one power iteration per
+  batch, which costs half as much again; the first (cold, random) update does FIRST_POWER_ITERATIONS;
+* ``n_track`` = 2 x ``n_components`` tracked components: truncating to ``n_components`` after every batch (what
+  PEFT does) loses the components the next batches would have lifted into the top-k (0.992 instead of 0.9995);
+* the two passes over the batch run in float32; the small parts (orthonormalising Y, the SVD of B through its Gram
+  matrix, means and variances) in float64, where they cost nothing and keep full precision;
+* the big products run layer by layer (no stacked copies of the batches); the small ones of all layers of the same
+  width together, in batched linear algebra.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+EXTRA_RANDOM_DIRECTIONS = 8
+POWER_ITERATIONS = 0
+FIRST_POWER_ITERATIONS = 2
+YOUNG_SHARE = 1 / 8  # while a batch is more than this share of the tokens seen, one power iteration
+_RANK_EPS = 1e-6  # Cholesky pivot below this times the largest (cond(Y) > 1e6): take the exact path
+
+
+@dataclass
+class PCAState:
+    """Running PCA of one layer's inputs: everything needed to continue, checkpoint or report it."""
+
+    n_features: int
+    n_components: int
+    n_track: int
+    seed: int
+    mean: torch.Tensor | None = None  # float64 (n_features,)
+    var: torch.Tensor | None = None  # float64: population variance, summed over features
+    n_seen: int = 0
+    steps: int = 0
+    components: torch.Tensor | None = None  # float32 (n_track, n_features), rows orthonormal
+    singular_values: torch.Tensor | None = None  # float32 (n_track,)
+    similarity: torch.Tensor | None = None  # |cos| of the top n_components vs the previous step
+    history: list[float] = field(default_factory=list)  # min similarity per step, for inspection
+
+    @property
+    def fitted(self) -> bool:
+        return self.components is not None
+
+    def explained_variance_ratio(self) -> torch.Tensor:
+        """Each tracked component's share of the layer inputs' total variance."""
+        total = (self.var.sum() * self.n_seen).clamp_min(1e-30)
+        return (self.singular_values.double() ** 2 / total).float()
+
+    def top(self, k: int) -> torch.Tensor:
+        return self.components[:k]
+
+
+def new_state(n_features: int, n_components: int, oversample: int | None, seed: int) -> PCAState:
+    n_components = min(n_components, n_features)
+    extra = n_components if oversample is None else oversample
+    return PCAState(n_features, n_components, min(n_features, n_components + extra), seed)
+
+
+class _Layer:
+    """One layer's implicit A = [P; X - 1 mu^T; c] for this update, P = previous singular values x components,
+    mu the batch mean, c = sqrt(n m / (n + m)) (previous mean - mu) the mean-correction row."""
+
+    def __init__(self, state: PCAState, x: torch.Tensor):
+        self.state, self.x = state, x
+        self.m, n_prev = x.shape[0], state.n_seen
+        self.scale = math.sqrt(n_prev * self.m / (n_prev + self.m))
+        self.prev = None if not state.fitted else state.singular_values.unsqueeze(1) * state.components
+        self.mu: torch.Tensor | None = None  # float64 batch mean, known after the first transposed product
+
+    def times(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Blocks of A z (float64): [P z,] (X - 1 mu^T) z[, c z]; the batch mean's part comes from X z itself."""
+        xz = (self.x @ z).double()
+        mz = xz.mean(0, keepdim=True)  # mu^T z
+        blocks = [xz - mz]
+        if self.prev is not None:
+            prev_mean_z = self.state.mean @ z.double()
+            blocks = [(self.prev @ z).double(), *blocks, self.scale * (prev_mean_z - mz)]
+        return blocks
+
+    def transposed_times(self, q: list[torch.Tensor]) -> torch.Tensor:
+        """A^T q (float64, n x c) for q in blocks as from times(); also sets the batch mean."""
+        q_x = q[1] if self.prev is not None else q[0]
+        ones = q_x.new_ones(self.m, 1)
+        xt = (self.x.mT @ torch.cat([q_x, ones], 1).float()).double()  # [X^T q_x, column sums]
+        self.mu = xt[:, -1] / self.m
+        out = xt[:, :-1] - self.mu.unsqueeze(1) * q_x.sum(0, keepdim=True)
+        if self.prev is not None:
+            c = self.scale * (self.state.mean - self.mu)
+            out = out + self.prev.double().mT @ q[0] + c.unsqueeze(1) * q[2]
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """A itself (float64), for small or rank-deficient updates."""
+        x = self.x.double()
+        self.mu = x.mean(0)
+        blocks = [x - self.mu]
+        if self.prev is not None:
+            blocks = [self.prev.double(), *blocks, (self.scale * (self.state.mean - self.mu)).unsqueeze(0)]
+        return torch.cat(blocks)
+
+
+def _gram(blocks: list[torch.Tensor]) -> torch.Tensor:
+    return sum(b.mT @ b for b in blocks)
+
+
+def _orthonormalise(layers_blocks: list[list[torch.Tensor]]) -> list[list[torch.Tensor]] | None:
+    """Orthonormal bases (float64, same blocks) of each layer's Y: Y R^-1 with R the Cholesky factor of Y^T Y.
+
+    None when some Y has (numerically) dependent columns: the caller then takes the exact path.
+    """
+    r, info = torch.linalg.cholesky_ex(torch.stack([_gram(blocks) for blocks in layers_blocks]), upper=True)
+    diag = r.diagonal(dim1=-2, dim2=-1)
+    if bool((info != 0).any()) or bool((diag.amin(-1) <= _RANK_EPS * diag.amax(-1)).any()):
+        return None
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
+    t = torch.linalg.solve_triangular(r, eye, upper=True)
+    return [[b @ t[j] for b in blocks] for j, blocks in enumerate(layers_blocks)]
+
+
+def _start(layer: "_Layer", width: int) -> torch.Tensor:
+    """(n, width): the previous components plus fresh directions drawn from the batch's own row space.
+
+    The fresh directions are seeded random combinations of the batch's tokens (X^T omega, normalised): they lie
+    where the new batch's variance is, so a new direction enters the estimate in the very update that shows it,
+    which random directions of the whole space rarely manage without a power iteration.
+    """
+    s, x = layer.state, layer.x
+    g = torch.Generator().manual_seed(s.seed * 1_000_003 + s.steps)
+    omega = torch.randn(x.shape[0], width - (s.n_track if s.fitted else 0), generator=g).to(x.device)
+    fresh = x.mT @ omega
+    fresh = fresh / fresh.norm(dim=0, keepdim=True).clamp_min(1e-30)
+    return torch.cat([s.components.T, fresh], 1) if s.fitted else fresh
+
+
+def _randomised(layers: list[_Layer], k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-k singular values and right singular vectors of each layer's A; None if a basis was rank-deficient."""
+    width = k + EXTRA_RANDOM_DIRECTIONS
+    zs = [_start(layer, width) for layer in layers]
+    q = _orthonormalise([layer.times(z) for layer, z in zip(layers, zs)])
+    if layers[0].prev is None:
+        iterations = FIRST_POWER_ITERATIONS
+    else:
+        young = max(layer.m / (layer.m + layer.state.n_seen) for layer in layers) > YOUNG_SHARE
+        iterations = POWER_ITERATIONS + int(young)
+    for _ in range(iterations):
+        if q is None:
+            return None
+        z = _orthonormalise([[layer.transposed_times(qj)] for layer, qj in zip(layers, q)])
+        q = None if z is None else _orthonormalise([l.times(zj[0].float()) for l, zj in zip(layers, z)])
+    if q is None:
+        return None
+    b = torch.stack([layer.transposed_times(qj).mT for layer, qj in zip(layers, q)])  # B = Q^T A, (L, c, n)
+    lam, u = torch.linalg.eigh(b @ b.mT)  # B B^T = U diag(s^2) U^T, ascending
+    lam, u = lam.flip(-1)[:, :k], u.flip(-1)[..., :k]
+    s = lam.clamp_min(0).sqrt()
+    vh = (u.mT @ b) / s.clamp_min(1e-300).unsqueeze(-1)  # rows B^T u / s: the right singular vectors
+    return s.float(), vh.float()
+
+
+def _exact(layers: list[_Layer], k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    svs, vhs = [], []
+    for layer in layers:
+        _, s, vh = torch.linalg.svd(layer.dense(), full_matrices=False)
+        svs.append(s[:k].float())
+        vhs.append(vh[:k].float())
+    return svs, vhs
+
+
+def _merge_moments(layer: _Layer) -> None:
+    """Fold the batch's mean and total variance into the state (float64; usually one pass over X for the variance)."""
+    s, m, mu = layer.state, layer.m, layer.mu
+    raw = float(torch.linalg.vector_norm(layer.x)) ** 2
+    ss_b = raw - m * float(mu @ mu)
+    if ss_b < 1e-2 * raw:  # the mean carries over 99% of the second moment: subtracting would cancel, centre first
+        ss_b = float(torch.linalg.vector_norm(layer.x - mu.to(layer.x.dtype))) ** 2
+    n = s.n_seen
+    if n == 0:
+        s.mean, s.var = mu, torch.tensor(ss_b / m, dtype=torch.float64, device=mu.device)
+    else:
+        delta = mu - s.mean
+        total = n + m
+        s.var = (s.var.sum() * n + ss_b + float(delta @ delta) * (n * m / total)) / total
+        s.mean = s.mean + delta * (m / total)
+    s.n_seen += m
+
+
+def _sign_fix(vh: torch.Tensor) -> torch.Tensor:
+    """Make each component's largest-magnitude entry positive, so output is deterministic."""
+    idx = vh.abs().argmax(-1, keepdim=True)
+    signs = torch.sign(torch.gather(vh, -1, idx))
+    signs[signs == 0] = 1
+    return vh * signs
+
+
+def _update_bucket(group: list[PCAState], xs: list[torch.Tensor]) -> None:
+    k, n = group[0].n_track, group[0].n_features
+    layers = [_Layer(s, x.float()) for s, x in zip(group, xs)]
+    small = min(min(layer.m for layer in layers) + 1 + (0 if layers[0].prev is None else k), n)
+    found = None if small <= k + EXTRA_RANDOM_DIRECTIONS else _randomised(layers, k)
+    svs, vhs = _exact(layers, k) if found is None else found
+    for layer, sv, vh in zip(layers, svs, vhs):
+        s = layer.state
+        _merge_moments(layer)
+        comps = _sign_fix(vh)
+        if comps.shape[0] < k:  # fewer rows than tracked components so far: pad with zeros
+            comps = torch.cat([comps, comps.new_zeros(k - comps.shape[0], n)])
+            sv = torch.cat([sv, sv.new_zeros(k - sv.shape[0])])
+        if s.fitted:
+            p = s.n_components
+            s.similarity = (comps[:p] * s.components[:p]).sum(-1).abs()
+            s.history.append(float(s.similarity.min()))
+        s.components, s.singular_values = comps.contiguous(), sv.contiguous()
+        s.steps += 1
+
+
+def update_many(states: list[PCAState], inputs: list[torch.Tensor]) -> None:
+    """Fold one batch of tokens (rows) into each state; layers of the same width share batched small algebra."""
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, (s, x) in enumerate(zip(states, inputs)):
+        if x.shape[0] == 0:
+            continue
+        buckets[(s.n_features, s.n_track, s.fitted, x.device)].append(i)
+    for idx in buckets.values():
+        _update_bucket([states[i] for i in idx], [inputs[i] for i in idx])
+
+
+def converged(state: PCAState, needed: int, tau: float) -> bool:
+    """Whether the first `needed` components stopped moving (|cos| with the last estimate >= tau)."""
+    if needed == 0:
+        return True
+    if state.similarity is None:
+        return False
+    return bool((state.similarity[:needed] >= tau).all())

@@ -1,0 +1,151 @@
+"""Loading the frozen base model (optionally bitsandbytes-quantized) and its tokenizer or image processor."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .sources import BUILTIN_MODELS, resolve_model_path  # noqa: F401 (torch-free home)
+from .sources import VOLATILE_CONFIG_KEYS as _VOLATILE_CONFIG_KEYS
+
+log = logging.getLogger("evapipe")
+
+KIND_AUTO_CLASS = {
+    "causal-lm": "AutoModelForCausalLM",
+    "encoder": "AutoModel",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "image-cls": "AutoModelForImageClassification",
+}
+
+
+def model_kind(config: Any, requested: str) -> str:
+    """The model kind: as configured, or guessed from the architecture name and config type."""
+    if requested != "auto":
+        return requested
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+        return "causal-lm"
+    if arch.endswith("ForSequenceClassification"):
+        return "seq-cls"
+    if arch.endswith("ForImageClassification") or getattr(config, "model_type", "") in ("vit", "deit", "beit", "swin"):
+        return "image-cls"
+    return "encoder"
+
+
+def model_class(config: Any, kind: str) -> Any:
+    """The class named by the config's `architectures` when transformers has it and it fits the kind."""
+    import transformers
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is not None and model_kind(config, "auto") == kind:
+        return cls
+    return getattr(transformers, KIND_AUTO_CLASS[kind])
+
+
+def _quantization(cfg: ModelConfig, dtype: torch.dtype) -> Any:
+    if cfg.quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.quantization needs bitsandbytes: pip install 'evapipe[bnb]'") from None
+    if cfg.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, str]:
+    """The frozen model in eval mode on `device`, and its kind."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.name_or_path)
+    kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, **kw)
+    except OSError as err:
+        raise ConfigError(f"cannot load model config from `{cfg.name_or_path}`: {err}") from None
+    kind = model_kind(hf_config, cfg.kind)
+    cls = model_class(hf_config, kind)
+    dtype = getattr(torch, cfg.dtype)
+    quant = _quantization(cfg, dtype)
+    load_kw: dict[str, Any] = dict(kw, dtype=dtype)
+    if quant is not None:
+        load_kw.update(quantization_config=quant, device_map={"": device})
+    model = cls.from_pretrained(path, **load_kw)
+    if quant is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, kind
+
+
+def load_processor(cfg: ModelConfig, kind: str) -> Any:
+    """Tokenizer for text kinds, image processor for image-cls (both saved beside the model)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path)
+    kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    auto = AutoImageProcessor if kind == "image-cls" else AutoTokenizer
+    try:
+        processor = auto.from_pretrained(path, **kw)
+    except (OSError, ValueError) as err:
+        what = "image processor (preprocessor_config.json)" if kind == "image-cls" else "tokenizer"
+        raise ConfigError(f"`{cfg.name_or_path}` has no {what} for model.kind {kind}: {err}") from None
+    if kind != "image-cls" and processor.pad_token is None:
+        processor.pad_token = processor.eos_token if processor.eos_token is not None else processor.unk_token
+    return processor
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of the architecture (config + every linear/embedding module's name and logical shape).
+
+    Logical shapes (in/out features), not stored weight shapes, so a 4-bit or 8-bit load of a model has the same
+    fingerprint as its full-precision load.
+    """
+    import hashlib
+    import json
+
+    from .targets import linear_shape
+
+    cfg = getattr(model, "config", None)
+    cfg_dict = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
+    cfg_dict = {k: v for k, v in sorted(cfg_dict.items()) if k not in _VOLATILE_CONFIG_KEYS}
+    shapes = []
+    for name, module in model.named_modules():
+        shape = linear_shape(module)
+        if shape is None and isinstance(module, nn.Embedding):
+            shape = (module.num_embeddings, module.embedding_dim)
+        if shape is not None:
+            shapes.append((name, *shape))
+    payload = json.dumps([cfg_dict, shapes], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def model_info(model: nn.Module, name_or_path: str | None = None, revision: str | None = None) -> dict[str, Any]:
+    """The `model` metadata of a state: where it came from, its class and architecture fingerprint."""
+    cfg = getattr(model, "config", None)
+    return {
+        "id": name_or_path or getattr(cfg, "_name_or_path", None) or type(model).__name__,
+        "revision": revision,
+        "class": type(model).__name__,
+        "model_type": getattr(cfg, "model_type", None),
+        "fingerprint": model_fingerprint(model),
+    }

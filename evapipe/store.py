@@ -1,0 +1,233 @@
+"""The per-task store: STORE/<task>/<model>/<key>/eva.safetensors, one state per (model, data, EVA settings).
+
+The key is a short hash of everything that changes the computed state: the model (its config.json and files for
+a local folder, name + revision for a hub id, dtype, quantization, kind), the data (the bytes of local files, or
+hub id/name/split; fields, max_length, max_samples, shuffle, seed, and the global batch = batch_size x world size,
+which fixes the token order) and the EVA settings and hooks. It is computed from the config and the files it
+names, never from a loaded model or dataset, so a cache hit costs file reads, not a torch import. Two tasks on
+one model, or one task on two models, sit side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig, JobConfig, ModelConfig
+from .errors import StateError
+from .sources import VOLATILE_CONFIG_KEYS, resolve_data_path, resolve_model_path
+from .state import FORMAT, read_header, read_metadata, spectrum_path
+
+log = logging.getLogger("evapipe")
+
+STATE_FILE = "eva.safetensors"
+KEY_LENGTH = 12
+CONTENT_HASH_LIMIT = 16 * 2**20  # model-folder files up to this size are hashed by content, larger by size + mtime
+# config fields that do not change the computed state (batch_size enters as the global batch instead)
+IGNORED_FIELDS = {"model": {"device", "trust_remote_code"}, "data": {"batch_size"}, "eva": {"on_unconverged"}}
+
+
+def digest(obj: Any, length: int = KEY_LENGTH) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def _file_sha(path: Path, h: Any | None = None) -> Any:
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h
+
+
+def _files_under(path: Path) -> list[Path]:
+    """Regular files in a folder, recursively, in a stable order, hidden files and folders left out."""
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
+    return out
+
+
+def model_folder_digest(folder: Path) -> str:
+    """config.json without its load/save-only keys, small files by content, large (weights) by size and mtime."""
+    entries = []
+    for f in _files_under(folder):
+        rel = f.relative_to(folder).as_posix()
+        if rel == "config.json":
+            try:
+                cfg = json.loads(f.read_text())
+            except (OSError, ValueError):
+                cfg = _file_sha(f).hexdigest()
+            if isinstance(cfg, dict):
+                cfg = {k: v for k, v in cfg.items() if k not in VOLATILE_CONFIG_KEYS}
+            entries.append((rel, cfg))
+            continue
+        st = f.stat()
+        if st.st_size <= CONTENT_HASH_LIMIT:
+            entries.append((rel, _file_sha(f).hexdigest()))
+        else:
+            entries.append((rel, st.st_size, st.st_mtime_ns))
+    return digest(entries, 32)
+
+
+def data_files(path: str) -> list[Path] | None:
+    """The local files a data path names (a file, every file in a folder, or a glob); None for a hub id."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return _files_under(p)
+    if any(c in path for c in "*?["):
+        return [Path(f) for f in sorted(glob.glob(path, recursive=True)) if Path(f).is_file()]
+    return None
+
+
+def model_part(cfg: ModelConfig) -> dict[str, Any]:
+    part = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in IGNORED_FIELDS["model"]}
+    folder = Path(resolve_model_path(cfg.name_or_path)).expanduser()
+    if folder.is_dir():
+        part["files"] = model_folder_digest(folder)
+    return part
+
+
+def data_part(cfg: DataConfig, world: int) -> dict[str, Any]:
+    part = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in IGNORED_FIELDS["data"]}
+    part["global_batch"] = cfg.batch_size * world
+    files = data_files(resolve_data_path(cfg.path))
+    if files is not None:  # same bytes under another path or name: same data
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.stat().st_size}:".encode())
+            _file_sha(f, h)
+        part["path"], part["content"] = None, h.hexdigest()[:32]
+    return part
+
+
+def world_size() -> int:
+    """The world size torchrun / accelerate launch announce (1 for a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def key_parts(cfg: JobConfig, world: int | None = None) -> dict[str, Any]:
+    """What the store key hashes, section by section (readable, so a changed key can be explained)."""
+    eva = {k: v for k, v in dataclasses.asdict(cfg.eva).items() if k not in IGNORED_FIELDS["eva"]}
+    return {
+        "model": model_part(cfg.model),
+        "data": data_part(cfg.data, world or world_size()),
+        "eva": eva,
+        "hooks": dataclasses.asdict(cfg.hooks),
+    }
+
+
+def job_identity(cfg: JobConfig, world: int | None = None) -> dict[str, Any]:
+    """{"key": the store key, "parts": what it hashes}: recorded with checkpoints, so a mismatch can be explained."""
+    parts = key_parts(cfg, world)
+    return {"key": digest(parts), "parts": parts}
+
+
+def job_key(cfg: JobConfig, world: int | None = None) -> str:
+    """The short hash that names a job's state in the store."""
+    return job_identity(cfg, world)["key"]
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the entries two key_parts differ in, e.g. ['eva.r: 8 -> 4']."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def model_slug(name_or_path: str) -> str:
+    """A folder name for a model: `org--name` for a hub id, the folder's name for a local path."""
+    name = name_or_path.rstrip("/")
+    if Path(name).expanduser().is_dir() and not name.startswith("builtin:"):
+        name = Path(name).expanduser().resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("/", "--")).strip("-.") or "model"
+
+
+def state_dir(store: str | Path, cfg: JobConfig, key: str) -> Path:
+    return Path(store) / cfg.task / model_slug(cfg.model.name_or_path) / key
+
+
+def lookup(path: Path, key: str) -> Path | None:
+    """The stored state at `path` if it is readable and was computed for `key`; None means: compute it."""
+    if not path.is_file():
+        return None
+    try:
+        meta = read_metadata(path)
+    except StateError as err:
+        log.warning("ignoring the unreadable stored state %s (%s); computing it again", path, err)
+        return None
+    if meta.get("store_key") != key:
+        log.warning("%s was computed for store key %s, not %s; computing it again", path, meta.get("store_key"), key)
+        return None
+    return path
+
+
+@dataclass
+class StoreEntry:
+    """One state found under a directory: what `evapipe list` shows."""
+
+    path: Path
+    task: str | None = None
+    model: str | None = None
+    r: int | None = None
+    rho: float | None = None
+    total_rank: int | None = None
+    tokens: int | None = None
+    created: str | None = None
+    size: int = 0
+    key: str | None = None
+    error: str | None = None
+
+
+def _is_foreign(path: Path) -> bool:
+    """A readable safetensors file that is not an EVA state (model weights, a spectrum sidecar ...)."""
+    try:
+        return (read_header(path).get("__metadata__") or {}).get("format") != FORMAT
+    except StateError:
+        return False
+
+
+def list_states(directory: str | Path) -> list[StoreEntry]:
+    """Every EVA state under `directory` (a store or any folder), sorted by task, model and creation time.
+
+    Unreadable states are listed with their error; other safetensors files, hidden folders, checkpoints
+    (`*.zarr`) and temporary files are skipped.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StateError(f"not a directory: {directory}")
+    entries = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".zarr"))
+        for name in sorted(files):
+            if not name.endswith(".safetensors") or name.endswith(".spectrum.safetensors") or name.startswith("."):
+                continue
+            path = Path(root) / name
+            size = path.stat().st_size + (spectrum_path(path).stat().st_size if spectrum_path(path).is_file() else 0)
+            try:
+                meta = read_metadata(path)
+            except StateError as err:
+                if not _is_foreign(path):
+                    entries.append(StoreEntry(path, size=size, error=str(err)))
+                continue
+            entries.append(StoreEntry(
+                path, task=meta.get("task"), model=(meta.get("model") or {}).get("id"), r=meta.get("r"),
+                rho=meta.get("rho"), total_rank=sum(int(v) for v in meta["ranks"].values()), tokens=meta.get("tokens"),
+                created=meta.get("created"), size=size, key=meta.get("store_key"),
+            ))
+    return sorted(entries, key=lambda e: (e.task or "", e.model or "", e.created or "", str(e.path)))
