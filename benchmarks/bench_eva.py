@@ -187,10 +187,10 @@ def apply_knobs(knobs: list[str], ablate: list[str]) -> None:
         setattr(module, attr, json.loads(value))
     if "early-stop" in ablate:
         plan = capture.Capture.plan
-        capture.Capture.plan = lambda self, needed, allow_early_stop=True: plan(self, needed, False)
+        capture.Capture.plan = lambda self, needed, allow_early_stop=True, also=(): plan(self, needed, False, also)
     if "skip-converged" in ablate:
         plan = capture.Capture.plan
-        capture.Capture.plan = lambda self, needed, allow_early_stop=True: plan(self, set(self.names), allow_early_stop)
+        capture.Capture.plan = lambda self, needed, allow_early_stop=True, also=(): plan(self, set(self.names), allow_early_stop)
     if "dedup" in ablate:
         engine.shared_input_groups = lambda raw, names: [[n] for n in names if n in raw]
     if "batched" in ablate:
@@ -204,7 +204,8 @@ def phase_evapipe(model: Any, batches: list, case: dict, args: argparse.Namespac
 
     apply_knobs(args.knob, args.ablate)
     settings = EvaSettings(r=case["r"], rho=case["rho"], tau=case["tau"], target_modules=case["targets"],
-                           oversample=args.oversample, max_batches=args.max_batches, on_unconverged="warn")
+                           oversample=args.oversample, max_batches=args.max_batches, on_unconverged="warn",
+                           refine_converged=args.refine)
     with Meter(args.device) as meter, torch.no_grad():
         run = EvaRun(model, settings)
         run.run(cycle_batches(batches), show_progress=False)
@@ -302,6 +303,8 @@ def spawn(phase: str, args: argparse.Namespace, work: Path, extra: list[str] = (
         cmd += ["--oversample", str(args.oversample)]
     if args.max_batches is not None:
         cmd += ["--max-batches", str(args.max_batches)]
+    if args.refine:
+        cmd += ["--refine"]
     subprocess.run(cmd, check=True)
     return torch.load(work / f"{phase}.pt", weights_only=False)
 
@@ -398,7 +401,8 @@ def summary(frac: dict[str, float]) -> str:
     return f"mean {sum(v) / len(v):.4f}  worst {min(v):.4f}  ({len(v)} layers with rank > 0)"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's options (benchmarks/levers.py reuses them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", choices=["minilm", "llama-bigvocab"], default="minilm")
     p.add_argument("--text", choices=["python-docs", "support-intents"], default="python-docs", help="MiniLM text")
@@ -410,6 +414,7 @@ def main() -> None:
     p.add_argument("--tau", type=float, default=0.99)
     p.add_argument("--oversample", type=int, default=None, help="eva.oversample for evapipe")
     p.add_argument("--max-batches", type=int, default=None, help="eva.max_batches for evapipe")
+    p.add_argument("--refine", action="store_true", help="eva.refine_converged for evapipe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -421,7 +426,11 @@ def main() -> None:
     p.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--floor-batches", default="1", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.phase:
         run_phase(args)
         return
@@ -446,7 +455,8 @@ def report(args: argparse.Namespace) -> str:
         f"case {case['case']}: {case['data']}, {case['n_batches']} batches of {case['batch_size']} x {case['seq_len']} "
         f"tokens, r={case['r']} rho={case['rho']} tau={case['tau']}, {len(ev['ranks'])} target linears, "
         f"{args.device}, {args.threads} threads, torch {torch.__version__}",
-        f"knobs {args.knob or '-'}  ablated {args.ablate or '-'}  oversample {args.oversample}",
+        f"knobs {args.knob or '-'}  ablated {args.ablate or '-'}  oversample {args.oversample}  "
+        f"refine_converged {args.refine}",
         "",
         f"{'':34s}{'wall s':>9s}{'batches':>9s}{'peak MB':>9s}{'+MB':>8s}",
     ]

@@ -111,11 +111,13 @@ class Capture:
             self.order = []  # a layer called twice per pass (weight sharing): never cut the pass short
         return {n: (t[0] if len(t) == 1 else torch.cat(t)) for n, t in self.tokens.items()}
 
-    def plan(self, needed: set[str], allow_early_stop: bool = True) -> None:
-        """Capture only `needed` layers and stop the pass after the deepest of them (in execution order)."""
-        self.active = set(needed)
+    def plan(self, needed: set[str], allow_early_stop: bool = True, also: set[str] = frozenset()) -> None:
+        """Capture `needed` layers, and those of `also` that the pass reaches before the deepest needed one; stop
+        the pass after that deepest layer (in execution order)."""
         deepest = [n for n in self.order if n in needed]
         self.stop_at = deepest[-1] if deepest and allow_early_stop else None
+        reached = self.order[: self.order.index(deepest[-1]) + 1] if deepest else []
+        self.active = set(needed) | (set(reached) & set(also))
 
     def remove(self) -> None:
         for h in self._handles:

@@ -31,7 +31,7 @@ log = logging.getLogger("evapipe")
 CKPT_FORMAT = "evapipe.checkpoint"
 CKPT_VERSION = 1
 STEP_PREFIX = "step-"
-LOOP_KEYS = ("progress", "done", "ratios", "similar")
+LOOP_KEYS = ("progress", "done", "done_at", "ratios", "similar")
 
 
 def checkpoint_dir(output: str | Path) -> Path:

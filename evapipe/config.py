@@ -107,6 +107,12 @@ class EvaSettings:
         "Components each incremental PCA tracks beyond round(r * rho); more is more accurate and slower. "
         "None: as many again (2 * r * rho), capped by the input width.",
     )
+    refine_converged: bool = _f(
+        False,
+        "Keep updating converged layers on the batches that deeper, unconverged layers still need (their inputs are "
+        "computed anyway): components closer to the exact PCA of every token read, at the cost of more PCA updates "
+        "and no extra forward pass. Off: PEFT's semantics (a converged layer stops).",
+    )
 
 
 @dataclass

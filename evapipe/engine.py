@@ -149,6 +149,7 @@ class EvaRun:
         self.similar: dict[str, torch.Tensor] = {}
         self.owner_rank: dict[str, int] = {}
         self.done: dict[str, bool] = {}
+        self.done_at: dict[str, int] = {}  # PCA -> the most components it was seen converged for
 
     # -- setup from the first batch ------------------------------------------------------------------------
     def _set_groups(self, groups: list[list[str]], order: list[str]) -> None:
@@ -216,7 +217,8 @@ class EvaRun:
         if error is None:
             try:
                 if not first:
-                    self.capture.plan({o for o in self.owners if not self.done[o]})
+                    refine = set(self.owners) if self.settings.refine_converged else set()
+                    self.capture.plan({o for o in self.owners if not self.done[o]}, also=refine)
                 tokens = self._forward(batch, first)
                 if first and self.comm.is_main:
                     layout = self._first_layout()
@@ -225,7 +227,7 @@ class EvaRun:
         self.comm.agree(error)
         if first:  # every rank uses rank 0's groups and execution order, so all plan the same passes
             self._set_groups(*self.comm.broadcast(layout))
-        active = [o for o in self.owners if not self.done[o]]
+        active = [o for o in self.owners if not self.done[o] or (not first and o in self.capture.active)]
         dtype = next(iter(tokens.values())).dtype if tokens else torch.float32
         local = {o: tokens.get(o, torch.empty(0, self.width[o], device=self.device, dtype=dtype)) for o in active}
         n_local = next((int(v.shape[0]) for v in local.values()), 0)
@@ -284,7 +286,12 @@ class EvaRun:
         for o in owners:
             sim = self.similar.get(o)
             need = p.ranks[o]
+            if need <= self.done_at.get(o, -1):  # converged for this many components before: stays so (refining)
+                self.done[o] = True
+                continue
             self.done[o] = need == 0 or (sim is not None and bool((sim[:need] >= tau).all()))
+            if self.done[o]:
+                self.done_at[o] = need
 
     # -- driving --------------------------------------------------------------------------------------------
     def run(self, batches: Iterable[Any], show_progress: bool = True, on_step: Callable[["EvaRun"], None] | None = None) -> None:
@@ -323,6 +330,7 @@ class EvaRun:
         return {
             "progress": {"step": p.step, "tokens": p.tokens, "groups": p.groups, "order": p.order, "ranks": p.ranks},
             "done": dict(self.done),
+            "done_at": dict(self.done_at),
             "ratios": {o: t.tolist() for o, t in self.ratios.items()},
             "similar": {o: t.tolist() for o, t in self.similar.items()},
             "states": {o: _state_to(s, "cpu") for o, s in self.states.items()},
@@ -335,6 +343,7 @@ class EvaRun:
         self.states = {o: _state_to(s, self.device) for o, s in snapshot["states"].items()}
         self._set_groups([list(g) for g in p["groups"]], list(p["order"]))
         self.done = dict(snapshot["done"])
+        self.done_at = dict(snapshot.get("done_at", {}))
         self.ratios = {o: torch.tensor(v, dtype=torch.float32) for o, v in snapshot["ratios"].items()}
         self.similar = {o: torch.tensor(v, dtype=torch.float32) for o, v in snapshot["similar"].items()}
 
@@ -404,6 +413,8 @@ class EvaRun:
             "label_mask_value": s_cfg.label_mask_value,
             "target_modules": s_cfg.target_modules,
             "exclude_modules": s_cfg.exclude_modules,
+            "oversample": s_cfg.oversample,
+            "refine_converged": s_cfg.refine_converged,
             "layer_r": self.r,
             "layer_alpha": layer_alpha,
             "store_key": None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -105,3 +107,30 @@ def test_minilm_full_job_components_close_to_exact(minilm, support_texts):
     cap.remove()
     fractions = [captured_fraction(torch.cat(seen[n]), state.tensors[n]) for n in names]
     assert min(fractions) > 0.97 and sum(fractions) / len(fractions) > 0.99, fractions
+
+
+def test_refine_converged_reaches_the_exact_pca_of_every_token_read(minilm, support_texts):
+    """eva.refine_converged: the same forward passes as PEFT's semantics, but layers that converged early keep
+    learning from the batches deeper layers still need, so their components approach the exact PCA of all of them."""
+    model, tok = minilm
+    batches = text_batches(tok, support_texts, batch_size=8, n_batches=40)
+    targets = ["encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense", "encoder.layer.5.output.dense"]
+    base = EvaSettings(r=4, rho=1.0, tau=0.999, target_modules=targets, max_batches=40, on_unconverged="warn")
+    plain = compute_eva_state(model, batches, base, show_progress=False)
+    refined = compute_eva_state(model, batches, replace(base, refine_converged=True), show_progress=False)
+    assert refined.meta["batches"] == plain.meta["batches"] and refined.meta["refine_converged"]
+    read = batches[: plain.meta["batches"]]
+    cap = Capture(model, targets)
+    seen: dict[str, list[torch.Tensor]] = {t: [] for t in targets}
+    for b in read:
+        cap.selector = TokenSelector({"input": b["attention_mask"].bool()})
+        for name, x in cap.run(lambda: model(**b)).items():
+            seen[name].append(x)
+    cap.remove()
+    gains = {}
+    for name in targets:
+        tokens = torch.cat(seen[name])
+        before, after = captured_fraction(tokens, plain.tensors[name]), captured_fraction(tokens, refined.tensors[name])
+        assert after > 0.995, (name, after)
+        gains[name] = after - before
+    assert min(gains.values()) > -1e-3 and max(gains.values()) > 1e-3, gains  # some layer did stop early and gained

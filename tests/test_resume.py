@@ -146,7 +146,7 @@ def test_pca_states_round_trip_exactly_and_a_stale_step_is_replaced(tmp_path):
                       n_seen=3, history=[0.5])  # 0-d tensors (a summed variance) too
     states = {"a.q": fitted, "b.v": new_state(8, 2, 1, seed=4), "c.o": scalar}  # b.v never fitted: None tensors
     snapshot = {"progress": {"step": 6, "tokens": 80, "groups": [["a.q"], ["b.v"]], "order": [], "ranks": {}},
-                "done": {"a.q": False, "b.v": False}, "ratios": {}, "similar": {}, "states": states}
+                "done": {"a.q": False, "b.v": False}, "done_at": {}, "ratios": {}, "similar": {}, "states": states}
     stale = tmp_path / "c.zarr" / "step-00000006"
     stale.mkdir(parents=True)
     (stale / "zarr.json").write_text("{torn")
