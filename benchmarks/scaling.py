@@ -8,16 +8,16 @@ every PCA still running, one incremental update on that batch's tokens. This scr
 so users can add it to the forward cost of a model they know: each row runs in a fresh process, warms the PCAs up on
 a few batches (the first update is a cold start and costs more), then times steady-state updates of `layers` PCAs of
 width `in_features` on `tokens` rows each (what `ipca.update_many` receives after capture and masking), with a
-planted decaying spectrum like real layer inputs. Memory is the process's peak RSS above what the inputs and PCA
-states already hold: the update's transient working memory.
+planted decaying spectrum like real layer inputs. Memory: the process's peak RSS during the updates above what the
+inputs already hold (the PCA states and the updates' working memory; Linux only).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,8 +36,17 @@ def rss_mb() -> float:
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def reset_peak() -> None:
+    """Reset the process's peak RSS (Linux >= 4.0), so the peak seen next is the timed updates' own."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def batches(tokens: int, width: int, layers: int, count: int, seed: int) -> list[list[torch.Tensor]]:
@@ -54,15 +63,16 @@ def measure(tokens: int, width: int, layers: int, r: int, rho: float, warmup: in
 
     data = batches(tokens, width, layers, warmup + timed, seed=0)
     states = [ipca.new_state(width, int(r * rho), None, seed=i) for i in range(layers)]
-    for step in data[:warmup]:
-        ipca.update_many(states, step)
+    gc.collect()
     base = rss_mb()
+    reset_peak()
     times = []
-    for step in data[warmup:]:
+    for i, step in enumerate(data):
         t0 = time.perf_counter()
         ipca.update_many(states, step)
-        times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "transient_mb": max(0.0, peak_mb() - base),
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "added_mb": max(0.0, peak_mb() - base),
             "input_mb": tokens * width * layers * 4 / 2**20,
             "state_mb": sum(s.n_track * width * 4 + width * 8 for s in states) / 2**20}
 
@@ -84,7 +94,7 @@ def main() -> None:
     print(f"evapipe PCA update per batch: r={args.r} rho={args.rho} ({int(args.r * args.rho)} components, "
           f"{2 * int(args.r * args.rho)} tracked), {args.threads} threads, torch {torch.__version__}, "
           f"median of {args.timed} warm updates")
-    print(f"| tokens/batch | in_features | layers | ms/batch | ms/layer/1k tokens | inputs MB | state MB | transient MB |")
+    print(f"| tokens/batch | in_features | layers | ms/batch | ms/layer/1k tokens | inputs MB | state MB | added MB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tokens, width, layers in GRID:
         cmd = [sys.executable, __file__, "--row", f"{tokens},{width},{layers}", "--r", str(args.r), "--rho",
@@ -92,7 +102,7 @@ def main() -> None:
         m = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         ms = m["seconds"] * 1000
         print(f"| {tokens} | {width} | {layers} | {ms:.1f} | {ms / layers / (tokens / 1000):.2f} | "
-              f"{m['input_mb']:.1f} | {m['state_mb']:.2f} | {m['transient_mb']:.0f} |", flush=True)
+              f"{m['input_mb']:.1f} | {m['state_mb']:.2f} | {m['added_mb']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

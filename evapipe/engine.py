@@ -213,12 +213,14 @@ class EvaRun:
         """
         p, first = self.progress, self.progress.groups is None
         tokens: dict[str, torch.Tensor] = {}
-        layout = None
+        layout, updating = None, set()
         if error is None:
             try:
                 if not first:
-                    refine = set(self.owners) if self.settings.refine_converged else set()
-                    self.capture.plan({o for o in self.owners if not self.done[o]}, also=refine)
+                    undone = {o for o in self.owners if not self.done[o]}
+                    refine = set(self.owners) - undone if self.settings.refine_converged else set()
+                    self.capture.plan(undone, also=refine)
+                    updating = undone | (refine & self.capture.active)
                 tokens = self._forward(batch, first)
                 if first and self.comm.is_main:
                     layout = self._first_layout()
@@ -227,7 +229,7 @@ class EvaRun:
         self.comm.agree(error)
         if first:  # every rank uses rank 0's groups and execution order, so all plan the same passes
             self._set_groups(*self.comm.broadcast(layout))
-        active = [o for o in self.owners if not self.done[o] or (not first and o in self.capture.active)]
+        active = [o for o in self.owners if first or o in updating]
         dtype = next(iter(tokens.values())).dtype if tokens else torch.float32
         local = {o: tokens.get(o, torch.empty(0, self.width[o], device=self.device, dtype=dtype)) for o in active}
         n_local = next((int(v.shape[0]) for v in local.values()), 0)
@@ -286,8 +288,8 @@ class EvaRun:
         for o in owners:
             sim = self.similar.get(o)
             need = p.ranks[o]
-            if need <= self.done_at.get(o, -1):  # converged for this many components before: stays so (refining)
-                self.done[o] = True
+            if self.settings.refine_converged and need <= self.done_at.get(o, -1):
+                self.done[o] = True  # converged for this many components before: refining updates do not undo that
                 continue
             self.done[o] = need == 0 or (sim is not None and bool((sim[:need] >= tau).all()))
             if self.done[o]:
