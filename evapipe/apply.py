@@ -86,9 +86,25 @@ def state_from_peft(state_dict: Mapping[str, torch.Tensor], lora_config: LoraCon
     return EvaState({n: a for n, a in tensors.items() if a.shape[0] > 0}, meta)
 
 
-def check_state(model: nn.Module, state: EvaState, force: bool = False) -> None:
+def backbone_prefix(model: nn.Module, state: EvaState) -> str:
+    """'' when `model` has the state's layer names; else the prefix under which it holds the model the state was
+    computed on (`bert.` when a BertModel's state meets a BertForSequenceClassification), if there is one."""
+    modules = dict(model.named_modules())
+    names = state.layers
+    if not names or all(n in modules for n in names):
+        return ""
+    for candidate in modules:
+        if candidate.endswith("." + names[0]):
+            prefix = candidate[: -len(names[0])]
+            if all(prefix + n in modules for n in names):
+                return prefix
+    return ""
+
+
+def check_state(model: nn.Module, state: EvaState, force: bool = False, prefix: str = "") -> None:
     """Raise StateError unless the state fits `model`: every layer present and linear, equal shapes, and (unless
-    `force`) the architecture fingerprint the state was computed on. `force` never skips a shape check."""
+    `force`) the architecture fingerprint the state was computed on. `force` never skips a shape check. With a
+    `prefix` (see backbone_prefix), the fingerprint is that of the submodule there."""
     from .models import model_fingerprint
 
     modules = dict(model.named_modules())
@@ -116,7 +132,7 @@ def check_state(model: nn.Module, state: EvaState, force: bool = False) -> None:
     src = state.meta.get("model") or {}
     want = src.get("fingerprint")
     if want and not force:
-        have = model_fingerprint(model)
+        have = model_fingerprint(model.get_submodule(prefix.rstrip(".")))
         if have != want:
             raise StateError(
                 f"architecture fingerprint mismatch: the state was computed on {src.get('id')} "
@@ -211,7 +227,9 @@ def apply_eva_state(
 
     `state`: an EvaState, a state file path, or PEFT's `get_eva_state_dict` dict. `lora_config` supplies the other
     LoRA options (lora_dropout, modules_to_save ...) and, for a PEFT dict, the r / alpha it was computed with.
-    Layers with rank 0 get no adapter. As with PEFT's get_peft_model, `model` is modified in place.
+    Layers with rank 0 get no adapter. A state computed on a backbone applies to a task model around it (a
+    BertModel's state to a BertForSequenceClassification). As with PEFT's get_peft_model, `model` is modified in
+    place.
     """
     from peft import PeftModel, get_peft_model
 
@@ -222,7 +240,9 @@ def apply_eva_state(
         )
     check_not_cpu_packed(model)
     st = as_state(state, lora_config)
-    check_state(model, st, force)
+    prefix = backbone_prefix(model, st)
+    st = st.under(prefix)
+    check_state(model, st, force, prefix)
     config = lora_config_for(st, model, lora_config)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     _load_components(peft_model, st, adapter_name)

@@ -67,6 +67,10 @@ def _v1_to_v2(meta: dict[str, Any]) -> dict[str, Any]:
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
 
 
+LAYER_KEYED = ("ranks", "in_features", "layer_r", "layer_alpha", "max_components", "rank_pattern", "alpha_pattern",
+               "explained_variance", "singular_values", "converged")  # metadata keyed by layer name
+
+
 @dataclass
 class EvaState:
     """An EVA result: A inits per layer (rank > 0 only), every layer's rank, and the metadata."""
@@ -93,6 +97,19 @@ class EvaState:
 
     def total_rank(self) -> int:
         return sum(self.ranks.values())
+
+    def under(self, prefix: str) -> "EvaState":
+        """The same state for a model that holds the one it was computed on at `prefix` (`bert.` in a
+        BertForSequenceClassification around the BertModel the state was computed on): every name gains it."""
+        if not prefix:
+            return self
+        meta = dict(self.meta)
+        for key in LAYER_KEYED:
+            if isinstance(meta.get(key), dict):
+                meta[key] = {prefix + n: v for n, v in meta[key].items()}
+        meta["shared_inputs"] = [[prefix + n for n in g] for g in meta.get("shared_inputs") or []]
+        return EvaState({prefix + n: a for n, a in self.tensors.items()}, meta,
+                        {prefix + k: v for k, v in self.spectrum.items()})
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """{module name: A}, as PEFT's get_eva_state_dict returns; zero-row tensors for rank-0 layers."""

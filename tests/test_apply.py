@@ -175,6 +175,30 @@ def test_python_api_on_plain_and_kbit_prepared_models(minilm_state, minilm_path,
         apply_eva_state(model, llama_state)
 
 
+def test_backbone_state_applies_to_a_task_model_around_it(minilm_state, minilm_path):
+    """A state computed on the bare MiniLM (BertModel) fits a BertForSequenceClassification of the same weights
+    (layers under `bert.`, a new 6-label head): same fingerprint check, A = state, the head trains, outputs = base."""
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification
+
+    state = load_state(minilm_state)
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=6)
+    batch = inputs_for(base, minilm_path)
+    before = output_of(base.eval(), batch)
+    model = apply_eva_state(base, state, lora_config=LoraConfig(modules_to_save=["classifier"]))
+    assert_matches_state(model, state.under("bert."))
+    assert any("classifier.modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad)
+    model.eval()
+    assert torch.equal(output_of(model, batch), before)
+    batch["labels"] = torch.tensor([1, 4])
+    losses = train_steps(model, batch)
+    assert losses[-1] < losses[0]
+    other = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=6, num_hidden_layers=5)
+    with pytest.raises(StateError, match="not in the model"):  # a layer the state names is missing: never renamed
+        apply_eva_state(other, state)
+
+
 def test_fingerprint_equal_across_quantized_loads(tiny_llama_dir):
     """(For MiniLM, the CLI test applies full-precision states to 4-bit and 8-bit loads without --force.)"""
     assert len({model_fingerprint(load(tiny_llama_dir, q)) for q in (None, "4bit", "8bit")}) == 1

@@ -29,6 +29,18 @@ def captured_fraction(tokens: torch.Tensor, comps: torch.Tensor) -> float:
     return float(torch.trace(q.T @ cov @ q) / exact[: comps.shape[0]].sum())
 
 
+def tokens_read(model: nn.Module, batches: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
+    """Every counted token (attention mask) each named layer received over `batches`, in order."""
+    cap = Capture(model, names)
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for b in batches:
+        cap.selector = TokenSelector({"input": b["attention_mask"].bool()})
+        for name, x in cap.run(lambda: model(**b)).items():
+            seen[name].append(x)
+    cap.remove()
+    return {n: torch.cat(x) for n, x in seen.items()}
+
+
 class Planted(nn.Module):
     """One linear layer; its inputs are the batch itself."""
 
@@ -69,16 +81,10 @@ def test_real_layer_inputs_match_exact_pca(minilm, support_texts):
     state = compute_eva_state(model, batches, settings, show_progress=False)
     assert state.meta["batches"] == 6
 
-    cap = Capture(model, targets)
-    seen: dict[str, list[torch.Tensor]] = {t: [] for t in targets}
-    for b in batches:
-        cap.selector = TokenSelector({"input": b["attention_mask"].bool()})
-        for name, x in cap.run(lambda: model(**b)).items():
-            seen[name].append(x)
-    cap.remove()
+    seen = tokens_read(model, batches, targets)
     assert state.meta["tokens"] == sum(int(b["attention_mask"].sum()) for b in batches)
     for name in targets:
-        tokens = torch.cat(seen[name])
+        tokens = seen[name]
         a = state.tensors[name]
         assert captured_fraction(tokens, a) > 0.99, name
         eig, exact = exact_pca(tokens)
@@ -98,14 +104,8 @@ def test_minilm_full_job_components_close_to_exact(minilm, support_texts):
         show_progress=False,
     )
     names = list(state.tensors)
-    cap = Capture(model, names)
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    for b in batches[: state.meta["batches"]]:
-        cap.selector = TokenSelector({"input": b["attention_mask"].bool()})
-        for name, x in cap.run(lambda: model(**b)).items():
-            seen[name].append(x)
-    cap.remove()
-    fractions = [captured_fraction(torch.cat(seen[n]), state.tensors[n]) for n in names]
+    seen = tokens_read(model, batches[: state.meta["batches"]], names)
+    fractions = [captured_fraction(seen[n], state.tensors[n]) for n in names]
     assert min(fractions) > 0.97 and sum(fractions) / len(fractions) > 0.99, fractions
 
 
@@ -119,17 +119,10 @@ def test_refine_converged_reaches_the_exact_pca_of_every_token_read(minilm, supp
     plain = compute_eva_state(model, batches, base, show_progress=False)
     refined = compute_eva_state(model, batches, replace(base, refine_converged=True), show_progress=False)
     assert refined.meta["batches"] == plain.meta["batches"] and refined.meta["refine_converged"]
-    read = batches[: plain.meta["batches"]]
-    cap = Capture(model, targets)
-    seen: dict[str, list[torch.Tensor]] = {t: [] for t in targets}
-    for b in read:
-        cap.selector = TokenSelector({"input": b["attention_mask"].bool()})
-        for name, x in cap.run(lambda: model(**b)).items():
-            seen[name].append(x)
-    cap.remove()
+    seen = tokens_read(model, batches[: plain.meta["batches"]], targets)
     gains = {}
     for name in targets:
-        tokens = torch.cat(seen[name])
+        tokens = seen[name]
         before, after = captured_fraction(tokens, plain.tensors[name]), captured_fraction(tokens, refined.tensors[name])
         assert after > 0.995, (name, after)
         gains[name] = after - before
