@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,7 +136,10 @@ class DistributedConfig:
 class HooksConfig:
     forward_fn: str | None = _f(None, "`module:function` called as fn(model, inputs) instead of model(**inputs).")
     prepare_model_inputs_fn: str | None = _f(
-        None, "`module:function` fn(inputs, eva_settings) -> what prepare_layer_inputs_fn receives (PEFT semantics)."
+        None,
+        "`module:function` fn(inputs, eva_settings) -> what prepare_layer_inputs_fn receives (PEFT semantics). Null "
+        "with a layer function set: it receives the batch itself, as PEFT's prepare_model_inputs_fn=None; PEFT's "
+        "own default is `peft.tuners.lora.eva:prepare_model_inputs_fn_language_modeling`.",
     )
     prepare_layer_inputs_fn: str | None = _f(
         None, "`module:function` fn(layer_input, model_input, layer_name) -> 2-D tokens x features (PEFT semantics)."
@@ -231,6 +235,7 @@ def _validate(cfg: JobConfig) -> None:
         (0.0 < e.tau <= 1.0, "eva.tau", f"must be in (0, 1], got {e.tau}"),
         (e.lora_alpha > 0, "eva.lora_alpha", f"must be > 0, got {e.lora_alpha}"),
         (all(v >= 0 for v in e.rank_pattern.values()), "eva.rank_pattern", "ranks must be >= 0"),
+        (all(v > 0 for v in e.alpha_pattern.values()), "eva.alpha_pattern", "alphas must be > 0"),
         (e.max_batches is None or e.max_batches >= 1, "eva.max_batches", "must be >= 1 or null"),
         (e.oversample is None or e.oversample >= 0, "eva.oversample", "must be >= 0 or null"),
         (d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}"),
@@ -250,6 +255,19 @@ def _validate(cfg: JobConfig) -> None:
             raise ConfigError(f"`{key}` {msg}")
     if isinstance(e.target_modules, list) and not e.target_modules:
         raise ConfigError("`eva.target_modules` is an empty list")
+    regexes = [(e.target_modules, "eva.target_modules"), (e.exclude_modules, "eva.exclude_modules")]
+    regexes += [(k, "eva.rank_pattern") for k in e.rank_pattern] + [(k, "eva.alpha_pattern") for k in e.alpha_pattern]
+    for pattern, key in regexes:
+        if isinstance(pattern, str):
+            _check_regex(pattern, key)
+
+
+def _check_regex(pattern: str, key: str) -> None:
+    """A malformed regex fails here, naming its key, instead of as a traceback once the model is loaded."""
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"`{key}` {pattern!r} is not a valid regex: {err}") from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

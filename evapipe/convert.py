@@ -30,7 +30,8 @@ def load_peft_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for foreign, truncated or unsafe files
-        raise StateError(f"{path} is not a readable torch.save file of tensors ({type(err).__name__}: {err})") from None
+        why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"  # torch's run to a dozen lines
+        raise StateError(f"{path} is not a readable torch.save file of tensors ({why})") from None
     if not isinstance(obj, Mapping) or not obj:
         raise StateError(f"{path} holds a {type(obj).__name__}, not a non-empty {{module name: tensor}} dict")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor) or v.ndim != 2]

@@ -49,6 +49,15 @@ def _local_files(path: str) -> list[str] | None:
     return None
 
 
+def _drop_empty(files: list[str], path: str) -> list[str]:
+    """Files with content: an empty file holds no rows, and `datasets` fails on one with no message at all."""
+    kept = [f for f in files if Path(f).stat().st_size > 0]
+    if not kept:
+        raise DataError(f"data `{path}` is empty: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''} "
+                        f"{'has' if len(files) == 1 else 'have'} no content")
+    return kept
+
+
 def data_columns(cfg: DataConfig, kind: str) -> list[str]:
     """The columns a model kind reads from the data (checked on load, hashed into the dataset fingerprint)."""
     if kind == "image-cls":
@@ -78,6 +87,7 @@ def load_rows(cfg: DataConfig, kind: str = "causal-lm") -> Any:
     files = _local_files(path)
     try:
         if files is not None:
+            files = _drop_empty(files, cfg.path)
             suffixes = {Path(f).suffix.lower() for f in files}
             builders = {FILE_BUILDERS.get(suffix) for suffix in suffixes}
             if len(builders) != 1 or None in builders:
@@ -206,7 +216,9 @@ def render_chat(tokenizer: Any, messages: Any) -> tuple[str, list[tuple[int, int
     """A conversation as the tokenizer's chat template writes it, and the character spans of the assistant content.
 
     Every message's content is looked up in order in the rendered text (templates may trim it), so an assistant
-    reply that repeats an earlier user message is still found at its own place.
+    reply that repeats an earlier user message is still found at its own place. An assistant reply is looked up
+    after the template's own header for it (see _reply_start), so a short reply ("a", "end") is never found inside
+    a role marker such as `<|im_start|>assistant`.
     """
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages
@@ -214,8 +226,10 @@ def render_chat(tokenizer: Any, messages: Any) -> tuple[str, list[tuple[int, int
         raise DataError(f"chat data must be lists of {{role, content}} messages (text content): {str(messages)[:60]!r}")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans, cursor = [], 0
-    for m in messages:
+    for i, m in enumerate(messages):
         content = m["content"].strip()
+        if m["role"] == "assistant":
+            cursor = _reply_start(tokenizer, messages[:i], text, cursor)
         at = text.find(content, cursor) if content else -1
         if at < 0:
             if m["role"] == "assistant" and content:
@@ -225,6 +239,16 @@ def render_chat(tokenizer: Any, messages: Any) -> tuple[str, list[tuple[int, int
         if m["role"] == "assistant":
             spans.append((at, cursor))
     return text, spans
+
+
+def _reply_start(tokenizer: Any, history: list[dict[str, Any]], text: str, cursor: int) -> int:
+    """Where an assistant reply after `history` can start in `text`: past the template's rendering of the history
+    with the generation prompt (the reply's own header), when that rendering is a prefix of `text`; else `cursor`."""
+    try:
+        head = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template may refuse a partial conversation (an empty one, or one ending in a user turn)
+        return cursor
+    return max(cursor, len(head)) if isinstance(head, str) and text.startswith(head) else cursor
 
 
 class Seq2SeqCollator:

@@ -51,7 +51,17 @@ def model_class(config: Any, kind: str) -> Any:
     return getattr(transformers, KIND_AUTO_CLASS[kind])
 
 
-def _quantization(cfg: ModelConfig, dtype: torch.dtype) -> Any:
+# task heads kept full precision in a quantized load of these kinds (PEFT's SEQ_CLS modules_to_save names)
+HEAD_KINDS, HEAD_MODULES = ("seq-cls", "image-cls"), ["classifier", "score"]
+
+
+def _quantization(cfg: ModelConfig, dtype: torch.dtype, kind: str) -> Any:
+    """The BitsAndBytesConfig for `cfg.quantization`, or None.
+
+    Task heads (classifier / score) stay unquantized: transformers only skips a head whose last parameter is a
+    weight, so a head with a bias (RoBERTa, DeBERTa, ViT) would be quantized and PEFT's SEQ_CLS modules_to_save
+    fails on it ("only Tensors of floating point dtype can require gradients").
+    """
     if cfg.quantization is None:
         return None
     from transformers import BitsAndBytesConfig
@@ -60,9 +70,10 @@ def _quantization(cfg: ModelConfig, dtype: torch.dtype) -> Any:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ConfigError("model.quantization needs bitsandbytes: pip install 'evapipe[bnb]'") from None
+    skip = HEAD_MODULES if kind in HEAD_KINDS else None
     if cfg.quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def load_model(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, str]:
@@ -78,7 +89,7 @@ def load_model(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, str]:
     kind = model_kind(hf_config, cfg.kind)
     cls = model_class(hf_config, kind)
     dtype = getattr(torch, cfg.dtype)
-    quant = _quantization(cfg, dtype)
+    quant = _quantization(cfg, dtype, kind)
     load_kw: dict[str, Any] = dict(kw, dtype=dtype)
     if quant is not None:
         load_kw.update(quantization_config=quant, device_map={"": device})

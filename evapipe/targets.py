@@ -63,15 +63,21 @@ def resolve_targets(
             continue
         if (all_linear and name not in heads) or (not all_linear and _matches(target_modules, name)):
             found.append(Target(name, shape[0], shape[1]))
+    left_in = " that eva.exclude_modules leaves in" if exclude_modules else ""
     if isinstance(target_modules, list):
         for key in target_modules:
             if not any(_matches([key], t.name) for t in found):
                 suffixes = sorted({n.split(".")[-1] for n in linear_names} | {".".join(n.split(".")[-2:]) for n in linear_names})
                 hint = difflib.get_close_matches(key, suffixes, n=3, cutoff=0.4)
                 raise ConfigError(
-                    f"`eva.target_modules` entry `{key}` matches no linear layer of the model"
+                    f"`eva.target_modules` entry `{key}` matches no linear layer of the model{left_in}"
                     + (f" (closest: {', '.join(hint)})" if hint else f"; linear layers end in: {', '.join(suffixes[:12])}")
                 )
     if not found:
-        raise ConfigError(f"`eva.target_modules` {target_modules!r} matches no linear layer of the model")
+        # a regex gets the nearest full names (what it is matched against), so the user sees what to write
+        hint = [] if all_linear else difflib.get_close_matches(target_modules, linear_names, n=3, cutoff=0.0)
+        raise ConfigError(
+            f"`eva.target_modules` {target_modules!r} matches no linear layer of the model{left_in}"
+            + (f" (closest: {', '.join(hint)})" if hint else "")
+        )
     return found

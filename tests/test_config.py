@@ -33,8 +33,13 @@ def test_defaults_and_default_yaml_are_valid():
         ({"data": {"prompt_field": "q"}}, "prompt_field and completion_field go together"),
         ({"eva": {"target_modules": []}}, "`eva.target_modules` is an empty list"),
         ({"eva": {"rank_pattern": {"q": -1}}}, "`eva.rank_pattern` ranks must be >= 0"),
+        ({"eva": {"alpha_pattern": {"q": -1}}}, "`eva.alpha_pattern` alphas must be > 0"),
         ({"output": {"path": None}}, "set output.path or output.store"),
         ({"eva": "r=8"}, "`eva` must be a mapping"),
+        ({"eva": {"target_modules": "layers.[0"}}, "`eva.target_modules` 'layers.[0' is not a valid regex"),
+        ({"eva": {"exclude_modules": "(q"}}, "`eva.exclude_modules` '(q' is not a valid regex"),
+        ({"eva": {"rank_pattern": {"q(": 4}}}, "`eva.rank_pattern` 'q(' is not a valid regex"),
+        ({"eva": {"alpha_pattern": {"*q": 4}}}, "`eva.alpha_pattern` '*q' is not a valid regex"),
     ],
 )
 def test_bad_config_names_the_key(raw, message):

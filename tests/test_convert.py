@@ -103,6 +103,14 @@ def test_bad_input_is_refused_clearly(tmp_path):
     assert not (tmp_path / "o.pt").exists()
 
 
+def test_unreadable_peft_file_is_one_error_line(tmp_path):
+    """torch's weights-only unpickling error runs to a dozen lines; the user gets its first."""
+    (tmp_path / "junk.pt").write_text("xx")
+    with pytest.raises(StateError, match="UnpicklingError") as err:
+        load_peft_file(tmp_path / "junk.pt")
+    assert "\n" not in str(err.value)
+
+
 def test_cli_both_ways(tmp_path):
     runner = CliRunner()
     run = runner.invoke(main, ["convert", str(V2), str(tmp_path / "p.pt"), "--no-prefix"])

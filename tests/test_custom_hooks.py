@@ -14,6 +14,7 @@ import torch
 
 from conftest import write_image_folder
 from evapipe import config_from_dict, run_job
+from evapipe.compute import import_callable
 from evapipe.data import load_rows, make_collator, rank_batches
 from evapipe.models import load_model, load_processor
 from evapipe.state import strip_peft_prefix
@@ -41,7 +42,16 @@ CASES = {
                        "prepare_layer_inputs_fn": "rows_at_indices"}),
     "vit-patches-only": ("vit", "image-cls", {"image_field": "image"}, ["o_proj", "fc2"],
                          {"forward_fn": "vit_forward", "prepare_layer_inputs_fn": "patch_tokens"}),
+    # PEFT's own defaults, named by import path: get_eva_state_dict with no hooks given
+    "peft-lm-defaults": ("llama", "causal-lm", {"text_field": "prompt"}, ["q_proj", "v_proj", "o_proj", "down_proj"],
+                         {"prepare_model_inputs_fn": "peft.tuners.lora.eva:prepare_model_inputs_fn_language_modeling",
+                          "prepare_layer_inputs_fn": "peft.tuners.lora.eva:prepare_layer_inputs_fn_language_modeling"}),
 }
+
+
+def hook_spec(name: str) -> str:
+    """`module:function`; bare names are functions of tests/peft_custom_hooks.py."""
+    return name if ":" in name else f"peft_custom_hooks:{name}"
 
 
 def well_separated(ratios: list[float], rank: int) -> list[int]:
@@ -57,7 +67,6 @@ def well_separated(ratios: list[float], rank: int) -> list[int]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_config_hooks_match_peft(case, tmp_path, tiny_model_dir, support_texts):
-    import peft_custom_hooks as hooks
     from peft import EvaConfig, LoraConfig
     from peft.tuners.lora.eva import get_eva_state_dict
 
@@ -67,7 +76,7 @@ def test_config_hooks_match_peft(case, tmp_path, tiny_model_dir, support_texts):
         "model": {"name_or_path": tiny_model_dir(arch), "kind": kind, "device": "cpu"},
         "data": {"path": data_path, "batch_size": BATCH, "shuffle": False, "max_length": 64, **fields},
         "eva": {"r": R, "lora_alpha": 8, "rho": RHO, "tau": TAU, "target_modules": targets},
-        "hooks": {k: f"peft_custom_hooks:{v}" for k, v in hook_names.items()},
+        "hooks": {k: hook_spec(v) for k, v in hook_names.items()},
         "output": {"path": str(tmp_path / "state.safetensors")},
     })
     ours = run_job(cfg, show_progress=False).state
@@ -82,7 +91,7 @@ def test_config_hooks_match_peft(case, tmp_path, tiny_model_dir, support_texts):
     torch.manual_seed(0)
     ref = strip_peft_prefix(get_eva_state_dict(
         model, batches, lora, show_progress_bar=False,
-        **{k: getattr(hooks, v) for k, v in hook_names.items()},
+        **{k: import_callable(hook_spec(v), k) for k, v in hook_names.items()},
         **({} if "prepare_model_inputs_fn" in hook_names else {"prepare_model_inputs_fn": None}),
     ))
 

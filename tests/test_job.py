@@ -131,6 +131,44 @@ def test_empty_dataset(tmp_path):
         run_job(cfg, show_progress=False)
 
 
+def test_empty_data_files_are_named_or_skipped(tmp_path):
+    """An empty file alone is a clear error (datasets fails with no message); beside real data it is skipped."""
+    from evapipe.config import DataConfig
+    from evapipe.data import load_rows
+
+    for name in ("empty.jsonl", "empty.csv", "empty.txt"):
+        (tmp_path / name).write_text("")
+        with pytest.raises(DataError, match=f"is empty: .*{name} has no content"):
+            load_rows(DataConfig(path=str(tmp_path / name)))
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (folder / "b.jsonl").write_text("")
+    assert load_rows(DataConfig(path=str(folder)))["text"] == ["one", "two"]
+
+
+def test_target_that_matches_nothing_names_the_closest_layers():
+    from torch import nn
+
+    from evapipe.targets import resolve_targets
+
+    model = nn.ModuleDict({"block": nn.ModuleDict({"q_proj": nn.Linear(4, 4), "v_proj": nn.Linear(4, 4)})})
+    with pytest.raises(ConfigError, match=r"'blok.q_proj' matches no linear layer of the model \(closest: block\.q"):
+        resolve_targets(model, "blok.q_proj")
+    with pytest.raises(ConfigError, match="entry `q_proj` matches no linear layer of the model that eva.exclude"):
+        resolve_targets(model, ["q_proj"], exclude_modules=["q_proj"])
+    with pytest.raises(ConfigError, match="'all-linear' matches no linear layer of the model that eva.exclude"):
+        resolve_targets(model, "all-linear", exclude_modules=".*")
+
+
+def test_missing_local_model_folder_is_named(tmp_path):
+    from evapipe.sources import resolve_model_path
+
+    with pytest.raises(ConfigError, match="no such local directory"):
+        resolve_model_path(str(tmp_path / "no-model"))
+    assert resolve_model_path("org/model") == "org/model"  # hub ids pass through
+
+
 def test_crash_during_write_keeps_old_state(tmp_path, default_state, monkeypatch):
     _, out = default_state
     target = tmp_path / "keep.safetensors"

@@ -17,7 +17,7 @@ from conftest import REPO, write_image_folder
 from evapipe import load_config, load_state, run_job
 from evapipe.capture import Capture
 from evapipe.cli import main as cli
-from evapipe.config import ModelConfig
+from evapipe.config import DataConfig, ModelConfig
 from evapipe.data import load_rows, make_collator, rank_batches
 from evapipe.models import load_model, load_processor
 
@@ -236,3 +236,43 @@ def test_kind_and_data_mismatches_fail_clearly(tmp_path, tiny_model_dir, minilm_
                          DataConfig(messages_field="messages"), "causal-lm")
     with pytest.raises(DataError, match="role, content"):
         chat([{"messages": "not a conversation"}])
+
+
+def test_quantized_classifier_keeps_a_trainable_head(tmp_path, tiny_model_dir):
+    """`evapipe apply --load-in-8bit` on a classifier whose head has a bias (BERT, RoBERTa, ViT): the head stays full
+    precision, so PEFT's SEQ_CLS modules_to_save can train it (a quantized head made apply fail)."""
+    from dataclasses import replace
+
+    from peft import PeftModel
+
+    cfg = job_config("seq-cls", tmp_path, tiny_model_dir)
+    cfg = replace(cfg, eva=replace(cfg.eva, max_batches=1))
+    result = run_job(cfg, show_progress=False)
+    adapter = tmp_path / "adapter"
+    out = CliRunner().invoke(cli, ["apply", "--state", str(result.path), "--output", str(adapter), "--device", "cpu",
+                                   "--load-in-8bit"])
+    assert out.exit_code == 0, out.output
+    model, kind = load_model(replace(cfg.model, quantization="8bit"), torch.device("cpu"))
+    assert type(model.classifier) is torch.nn.Linear  # the head: full precision
+    assert type(model.bert.encoder.layer[0].output.dense) is not torch.nn.Linear  # the rest: 8-bit
+    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    batch = dict(load_processor(cfg.model, kind)(["card charged twice", "reset my password"], return_tensors="pt",
+                                                 padding=True))
+    head = peft_model.get_base_model().classifier.modules_to_save["default"].weight
+    before = head.detach().clone()
+    assert np.isfinite(train_step(peft_model, batch, "seq-cls"))
+    assert not torch.equal(head, before)
+
+
+def test_short_chat_replies_are_not_found_in_role_markers(tiny_model_dir):
+    """Replies such as "a" or "end" also occur in a plain-text role marker (`<|im_start|>assistant`, `<|im_end|>`):
+    the labels must be the reply's own tokens, not the marker's."""
+    tok = load_processor(ModelConfig(name_or_path=tiny_model_dir("llama")), "causal-lm")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    collate = make_collator(tok, DataConfig(messages_field="messages"), "causal-lm")
+    for reply in ["a", "end", "start", "im"]:
+        chat = [{"role": "user", "content": "pick a or b"}, {"role": "assistant", "content": reply}]
+        batch = collate([{"messages": chat}])
+        kept = batch["input_ids"][0][batch["labels"][0] != -100]
+        assert kept.tolist() == tok(reply, add_special_tokens=False)["input_ids"], (reply, tok.decode(kept))
