@@ -158,6 +158,22 @@ def check_not_cpu_packed(model: nn.Module) -> None:
         )
 
 
+def check_trainable_heads(model: nn.Module, config: LoraConfig) -> None:
+    """Refuse a quantized module that PEFT would train in full (modules_to_save; a SEQ_CLS model's classifier or
+    score head): PEFT fails on it deep inside with "only Tensors of floating point dtype can require gradients"."""
+    from .models import HEAD_MODULES
+
+    names = set(config.modules_to_save or []) | (set(HEAD_MODULES) if config.task_type == "SEQ_CLS" else set())
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name.split(".")[-1] in names and isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+            raise ConfigError(
+                f"`{name}` is bitsandbytes-quantized, but PEFT trains it in full (modules_to_save). Load the model "
+                f"with BitsAndBytesConfig(..., llm_int8_skip_modules={sorted(names)}) to keep it in full precision "
+                "(`evapipe apply` does this for seq-cls and image-cls models)."
+            )
+
+
 def task_type_of(model: nn.Module) -> str | None:
     """PEFT task_type for the model's class (None for classes PEFT has no task for, e.g. image classifiers)."""
     name = type(model).__name__
@@ -244,6 +260,7 @@ def apply_eva_state(
     st = st.under(prefix)
     check_state(model, st, force, prefix)
     config = lora_config_for(st, model, lora_config)
+    check_trainable_heads(model, config)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     _load_components(peft_model, st, adapter_name)
     return peft_model

@@ -16,7 +16,7 @@ def layer_rows(meta: dict[str, Any]) -> list[dict[str, Any]]:
             "layer": name,
             "rank": int(rank),
             "alpha": meta["alpha_pattern"].get(name, meta["lora_alpha"]),
-            "explained": float(sum(ratios[:rank])),
+            "explained": float(sum(ratios[:rank])) if ratios else None,  # None: not recorded (a PEFT file)
             "top_ratio": float(ratios[0]) if ratios else 0.0,
             "converged": bool(meta["converged"].get(name, False)),
             "in_features": int(meta["in_features"][name]),
@@ -30,9 +30,14 @@ def layer_table(meta: dict[str, Any]) -> str:
     lines = [f"{'layer':<{width}}  rank  alpha    explained  converged"]
     for r in rows:
         lines.append(
-            f"{r['layer']:<{width}}  {r['rank']:>4}  {r['alpha']:>6.2f}  {r['explained']:>9.3f}  {'yes' if r['converged'] else 'NO'}"
+            f"{r['layer']:<{width}}  {r['rank']:>4}  {r['alpha']:>6.2f}  {_ratio(r['explained']):>9}  "
+            f"{'yes' if r['converged'] else 'NO'}"
         )
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def job_summary(state: Any, rank_stats: Sequence[Any], seconds: float, path: Path) -> str:
@@ -96,7 +101,7 @@ def plot_layers(meta: dict[str, Any], out: str | Path) -> Path:
     top.set_title(f"{meta['task']} on {(meta.get('model') or {}).get('id')}: r={meta['r']}, rho={meta.get('rho')}, "
                   f"total rank {sum(r['rank'] for r in rows)}")
     colors = ["tab:green" if r["converged"] else "tab:red" for r in rows]
-    bottom.bar(x, [r["explained"] for r in rows], color=colors)
+    bottom.bar(x, [r["explained"] or 0.0 for r in rows], color=colors)
     bottom.set_ylabel("explained variance kept\n(red: not converged)")
     step = max(1, len(rows) // 60)
     bottom.set_xticks(x[::step], [r["layer"] for r in rows][::step], rotation=90, fontsize=6)

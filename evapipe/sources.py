@@ -17,7 +17,7 @@ BUILTIN_DATA = {"support_intents": "support_intents.jsonl", "support_intents_hel
 VOLATILE_CONFIG_KEYS = {
     "quantization_config", "torch_dtype", "dtype", "_name_or_path", "transformers_version", "_commit_hash",
     "_attn_implementation_autoset", "_attn_implementation", "use_cache", "output_attentions", "output_hidden_states",
-    "id2label", "label2id", "problem_type", "finetuning_task",  # the task head's, not the layers EVA adapts
+    "architectures", "id2label", "label2id", "problem_type", "finetuning_task",  # the head's, not the layers EVA adapts
 }
 
 

@@ -199,6 +199,26 @@ def test_backbone_state_applies_to_a_task_model_around_it(minilm_state, minilm_p
         apply_eva_state(other, state)
 
 
+def test_quantized_classifier_head_is_refused_clearly(minilm_state, minilm_path, tmp_path):
+    """A user's own 8-bit load of a classifier checkpoint that quantizes its head (here by skipping nothing;
+    transformers' default does it for heads such as RoBERTa's classifier.out_proj): PEFT would fail deep inside.
+    The error says how to load it instead, and that load works."""
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=3).save_pretrained(tmp_path)
+
+    def load_8bit(skip: list[str]):
+        return AutoModelForSequenceClassification.from_pretrained(
+            tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip),
+            device_map={"": "cpu"})
+
+    with pytest.raises(ConfigError, match="llm_int8_skip_modules"):
+        apply_eva_state(load_8bit([]), minilm_state)
+    model = apply_eva_state(load_8bit(["classifier"]), minilm_state)
+    assert any("classifier.modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_fingerprint_equal_across_quantized_loads(tiny_llama_dir):
     """(For MiniLM, the CLI test applies full-precision states to 4-bit and 8-bit loads without --force.)"""
     assert len({model_fingerprint(load(tiny_llama_dir, q)) for q in (None, "4bit", "8bit")}) == 1

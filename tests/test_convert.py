@@ -126,4 +126,6 @@ def test_cli_both_ways(tmp_path):
     assert missing.exit_code == 2 and "error: a PEFT state dict does not record r" in missing.output
     shown = runner.invoke(main, ["inspect", str(tmp_path / "s.safetensors")])
     assert shown.exit_code == 0 and "from-peft" in shown.output
+    rows = [line.split() for line in shown.output.splitlines() if line.split()[:1] and line.split()[0] in load_state(V2).ranks]
+    assert rows and all(row[3] == "-" for row in rows)  # PEFT files record no explained variance: shown as unknown
     assert state_to_peft(load_state(tmp_path / "s.safetensors"), prefix=False).keys() == load_state(V2).ranks.keys()
