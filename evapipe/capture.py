@@ -10,6 +10,7 @@ Three costs PEFT pays that this module avoids:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -111,7 +112,9 @@ class Capture:
             self.order = []  # a layer called twice per pass (weight sharing): never cut the pass short
         return {n: (t[0] if len(t) == 1 else torch.cat(t)) for n, t in self.tokens.items()}
 
-    def plan(self, needed: set[str], allow_early_stop: bool = True, also: set[str] = frozenset()) -> None:
+    def plan(
+        self, needed: AbstractSet[str], allow_early_stop: bool = True, also: AbstractSet[str] = frozenset()
+    ) -> None:
         """Capture `needed` layers, and those of `also` that the pass reaches before the deepest needed one; stop
         the pass after that deepest layer (in execution order)."""
         deepest = [n for n in self.order if n in needed]

@@ -149,7 +149,7 @@ class EvaRun:
         self.similar: dict[str, torch.Tensor] = {}
         self.owner_rank: dict[str, int] = {}
         self.done: dict[str, bool] = {}
-        self.done_at: dict[str, int] = {}  # PCA -> the most components it was seen converged for
+        self.done_at: dict[str, int] = {}  # PCA -> the component count it last converged for (refine_converged)
 
     # -- setup from the first batch ------------------------------------------------------------------------
     def _set_groups(self, groups: list[list[str]], order: list[str]) -> None:

@@ -51,8 +51,8 @@ def model_class(config: Any, kind: str) -> Any:
     return getattr(transformers, KIND_AUTO_CLASS[kind])
 
 
-# task heads kept full precision in a quantized load of these kinds (PEFT's SEQ_CLS modules_to_save names)
-HEAD_KINDS, HEAD_MODULES = ("seq-cls", "image-cls"), ["classifier", "score"]
+HEAD_KINDS = ("seq-cls", "image-cls")  # kinds whose task head a quantized load keeps in full precision
+HEAD_MODULES = ["classifier", "score"]  # the heads PEFT's SEQ_CLS task trains in full (modules_to_save)
 
 
 def _quantization(cfg: ModelConfig, dtype: torch.dtype, kind: str) -> Any:
