@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .experts import pattern_name
+
 
 def distribute_ranks(
     ratios: Mapping[str, torch.Tensor | Sequence[float]],
@@ -48,7 +50,9 @@ def layer_r(names: Sequence[str], r: int, rank_pattern: Mapping[str, int]) -> di
 
 
 def pattern_value(pattern: Mapping[str, object], name: str, default: object) -> object:
-    """The value of the first key that matches the end of `name` (PEFT's rank_pattern/alpha_pattern rule)."""
+    """The value of the first key that matches the end of `name` (PEFT's rank_pattern/alpha_pattern rule); an
+    expert's key is matched by its parameter's name, as PEFT matches target_parameters."""
+    name = pattern_name(name)
     for key in pattern:
         if re.match(rf"(.*\.)?({key})$", name):
             return pattern[key]

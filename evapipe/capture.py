@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+import math
 from typing import Any
 
 import torch
@@ -50,19 +51,40 @@ class TokenSelector:
 
     def __call__(self, x: torch.Tensor, name: str = "") -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
+        keep = self.flat_index(x, name)
+        return flat if keep is None else flat.index_select(0, keep)
+
+    def flat_index(self, x: torch.Tensor, name: str = "") -> torch.Tensor | None:
+        """Indices of the counted rows of `x` flattened to (rows, features): for (batch, seq, features), and for
+        the flattened (batch * seq, features) an experts module receives; None (every row) for other shapes."""
         stream = self.stream_of(name, x) if self.stream_of is not None else next(iter(self.index), None)
-        if self.shape.get(stream) != tuple(x.shape[:-1]):
-            return flat
-        return flat.index_select(0, self.index[stream])
+        shape = self.shape.get(stream)
+        if shape is None or (shape != tuple(x.shape[:-1]) and (x.ndim != 2 or x.shape[0] != math.prod(shape))):
+            return None
+        return self.index[stream]
 
 
 LayerFn = Callable[[Any, Any, str], torch.Tensor]
+# the counted rows of each wanted expert of an experts module call, from the module, its call's args and kwargs,
+# the wanted expert keys and the batch's TokenSelector (see evapipe.experts.ExpertsCapture)
+ExpertsFn = Callable[[nn.Module, tuple, Mapping[str, Any], AbstractSet[str], "TokenSelector | None"],
+                     Mapping[str, torch.Tensor]]
 
 
 class Capture:
-    """Owns the hooks on all target layers; `active` says which layers' inputs are kept this step."""
+    """Owns the hooks on all target layers; `active` says which layers' inputs are kept this step.
 
-    def __init__(self, model: nn.Module, names: Sequence[str], layer_fn: LayerFn | Mapping[str, LayerFn] | None = None):
+    `experts` maps an experts module's name to its expert keys and the function that gives their rows: one hook on
+    that module captures all of them (an expert is a target "layer" that no module input alone describes).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        layer_fn: LayerFn | Mapping[str, LayerFn] | None = None,
+        experts: Mapping[str, tuple[Sequence[str], ExpertsFn]] | None = None,
+    ):
         self.model = model
         self.names = list(names)
         self.layer_fn = layer_fn
@@ -74,22 +96,44 @@ class Capture:
         self.tokens: dict[str, list[torch.Tensor]] = {}
         self.order: list[str] = []
         self.calls: dict[str, int] = {}
-        self._handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.names]
+        experts = dict(experts or {})
+        grouped = {k for keys, _ in experts.values() for k in keys}
+        self._handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n))
+                         for n in self.names if n not in grouped]
+        self._handles += [model.get_submodule(m).register_forward_pre_hook(self._experts_hook(keys, fn), with_kwargs=True)
+                          for m, (keys, fn) in experts.items()]
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             if name not in self.active:
                 return
-            if self.raw is not None:  # first pass: record execution order, calls and raw inputs
-                self.calls[name] = self.calls.get(name, 0) + 1
-                if self.calls[name] == 1:
-                    self.order.append(name)
-                self.raw.setdefault(name, args[0])
-            self.tokens.setdefault(name, []).append(self._prepare(name, args).detach())
-            if name == self.stop_at or (self.raw is not None and len(self.order) == len(self.names)):
-                raise StopForward  # on the first pass: once every target has been seen
+            if self._record(name, args[0], self._prepare(name, args)):
+                raise StopForward
 
         return hook
+
+    def _experts_hook(self, keys: Sequence[str], fn: ExpertsFn) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            wanted = self.active.intersection(keys)
+            if not wanted:
+                return
+            stop = False
+            for key, rows in fn(module, args, kwargs, wanted, self.selector).items():
+                stop = self._record(key, rows, rows) or stop
+            if stop:
+                raise StopForward
+
+        return hook
+
+    def _record(self, name: str, raw: torch.Tensor, tokens: torch.Tensor) -> bool:
+        """Keep a layer's counted tokens; True when the pass can stop after this layer."""
+        if self.raw is not None:  # first pass: record execution order, calls and raw inputs
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if self.calls[name] == 1:
+                self.order.append(name)
+            self.raw.setdefault(name, raw)
+        self.tokens.setdefault(name, []).append(tokens.detach())
+        return name == self.stop_at or (self.raw is not None and len(self.order) == len(self.names))
 
     def _prepare(self, name: str, args: tuple) -> torch.Tensor:
         fn = self.layer_fn.get(name) if isinstance(self.layer_fn, Mapping) else self.layer_fn
@@ -137,19 +181,33 @@ def _same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
     return x is y or (x.shape == y.shape and x.data_ptr() == y.data_ptr() and x.stride() == y.stride())
 
 
-def shared_input_groups(raw: Mapping[str, torch.Tensor], names: Sequence[str]) -> list[list[str]]:
-    """Groups (owner first, model order) of layers that received identical inputs on the first batch."""
-    first = next(iter(raw.values()))
-    probe = torch.randn(max(t.shape[-1] for t in raw.values()), generator=torch.Generator().manual_seed(0))
-    probe = probe.to(first.device)
+def shared_input_groups(
+    raw: Mapping[str, torch.Tensor], names: Sequence[str], alone: AbstractSet[str] = frozenset()
+) -> list[list[str]]:
+    """Groups (owner first, model order) of layers that received identical inputs on the first batch.
+
+    Layers in `alone` (experts: two that no token reached both received nothing) always have a PCA of their own.
+    """
+    shared = {n: x for n, x in raw.items() if n not in alone}
+    probe = None
+    if shared:
+        first = next(iter(shared.values()))
+        probe = torch.randn(max(t.shape[-1] for t in shared.values()), generator=torch.Generator().manual_seed(0))
+        probe = probe.to(first.device)
     groups: list[list[str]] = []
-    keys: list[tuple] = []
+    keys: list[tuple | None] = []
     for name in names:
         x = raw.get(name)
         if x is None:
             continue
+        if name in alone:
+            groups.append([name])
+            keys.append(None)
+            continue
         key = _fingerprint(x, probe)
         for g, g_key in zip(groups, keys):
+            if g_key is None:
+                continue
             y = raw[g[0]]
             if _same_tensor(x, y) or (key == g_key and torch.equal(x, y)):
                 g.append(name)

@@ -91,6 +91,12 @@ class EvaSettings:
         "output head).",
     )
     exclude_modules: Union[list[str], str, None] = _f(None, "Suffixes (list) or regex of modules to leave out.")
+    target_parameters: list[str] | None = _f(
+        None,
+        "Fused mixture-of-experts parameters, PEFT's target_parameters names (full names or dotted suffixes such as "
+        "`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`): every expert gets its own PCA of the tokens routed to "
+        "it. With them, `target_modules: []` adapts no linear layer.",
+    )
     rank_pattern: dict[str, int] = _f({}, "Per-layer r overrides, PEFT semantics (regex key matched on the name's end).")
     alpha_pattern: dict[str, float] = _f({}, "Per-layer lora_alpha overrides, PEFT semantics.")
     use_label_mask: bool = _f(True, "Use only tokens whose label differs from label_mask_value (when labels exist).")
@@ -253,8 +259,10 @@ def _validate(cfg: JobConfig) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"`{key}` {msg}")
-    if isinstance(e.target_modules, list) and not e.target_modules:
-        raise ConfigError("`eva.target_modules` is an empty list")
+    if isinstance(e.target_modules, list) and not e.target_modules and not e.target_parameters:
+        raise ConfigError("`eva.target_modules` is an empty list (and no eva.target_parameters are set)")
+    if e.target_parameters is not None and not all(p.strip() for p in e.target_parameters):
+        raise ConfigError("`eva.target_parameters` entries must be non-empty parameter names")
     regexes = [(e.target_modules, "eva.target_modules"), (e.exclude_modules, "eva.exclude_modules")]
     regexes += [(k, "eva.rank_pattern") for k in e.rank_pattern] + [(k, "eva.alpha_pattern") for k in e.alpha_pattern]
     for pattern, key in regexes:

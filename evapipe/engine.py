@@ -25,6 +25,7 @@ from .capture import Capture, TokenSelector, shared_input_groups
 from .config import EvaSettings
 from .distributed import Comm, assign_owners, init_comm
 from .errors import ConfigError, ConvergenceError, DataError
+from .experts import ExpertHooks, model_order, resolve_expert_params
 from .state import FORMAT, FORMAT_VERSION, EvaState
 from .streams import LayerStreams, stream_masks
 from .targets import resolve_targets
@@ -134,12 +135,15 @@ class EvaRun:
         if layer_fn is None and prepare_model_inputs_fn is not None:
             layer_fn = peft_layer_input
         self.targets = resolve_targets(model, settings.target_modules, settings.exclude_modules)
-        self.names = [t.name for t in self.targets]
+        self.experts = ExpertHooks(model, resolve_expert_params(model, settings.target_parameters))
+        self.names = model_order(model, [t.name for t in self.targets] + self.experts.keys)
         self.width = {t.name: t.in_features for t in self.targets}
+        self.width.update({k: p.in_features for p in self.experts.params for k in p.keys()})
+        self.share = {k: p.share for p in self.experts.params for k in p.keys()}  # experts see a share of the tokens
         self.r = layer_r(self.names, settings.r, settings.rank_pattern)
         self.budget = sum(self.r.values())
         self.max_components = {n: min(round(self.r[n] * settings.rho), self.width[n]) for n in self.names}
-        self.capture = Capture(model, self.names, layer_fn)
+        self.capture = Capture(model, self.names, layer_fn, self.experts.spec())
         self.streams = LayerStreams(model, self.names)
         self.device = _device_of(model)
         self.progress = Progress()
@@ -171,7 +175,9 @@ class EvaRun:
         fresh = [ipca.new_state(self.width[o], self.max_components[o], self.settings.oversample, seed=i)
                  for i, o in enumerate(owners)]
         # an update costs about rows x in_features x (tracked + random directions), the rows being the same for all
-        costs = [s.n_features * (s.n_track + ipca.EXTRA_RANDOM_DIRECTIONS) for s in fresh]
+        # layers and, for an expert, its share of them
+        costs = [self.share.get(o, 1.0) * s.n_features * (s.n_track + ipca.EXTRA_RANDOM_DIRECTIONS)
+                 for o, s in zip(owners, fresh)]
         ranks = assign_owners(costs, self.comm.world)
         self.owner_rank = dict(zip(owners, ranks))
         self.stats.owned = [o for o in owners if self.owner_rank[o] == self.comm.rank]
@@ -232,7 +238,9 @@ class EvaRun:
         active = [o for o in self.owners if first or o in updating]
         dtype = next(iter(tokens.values())).dtype if tokens else torch.float32
         local = {o: tokens.get(o, torch.empty(0, self.width[o], device=self.device, dtype=dtype)) for o in active}
-        n_local = next((int(v.shape[0]) for v in local.values()), 0)
+        n_local = next((int(v.shape[0]) for o, v in local.items() if o not in self.share), None)
+        if n_local is None:  # only experts captured: the tokens their modules counted
+            n_local = self.experts.tokens if tokens else 0
         self.stats.tokens += n_local
         t0 = time.perf_counter()
         routed = self.comm.route({o: v.to(self.comm.device) for o, v in local.items()}, self.owner_rank)
@@ -256,7 +264,7 @@ class EvaRun:
                 "the first batch reached none of the target layers (the forward pass does not use them); "
                 "check eva.target_modules and hooks.forward_fn"
             )
-        return shared_input_groups(raw, self.names), list(self.capture.order)
+        return shared_input_groups(raw, self.names, alone=set(self.share)), list(self.capture.order)
 
     def _agree_and_plan(self, error: BaseException | None, n_local: int) -> None:
         """Share every PCA's ratios and similarities, then recompute ranks and which PCAs are done."""
@@ -280,12 +288,17 @@ class EvaRun:
                 self.ratios[o] = table[i, :k].float()
                 self.similar[o] = table[i, width : width + k].float()
         p = self.progress
-        if len(self.ratios) == len(owners):
+        waiting = [o for o in owners if o in self.share and o not in self.ratios]  # experts no token reached yet
+        if len(waiting) < len(owners) and all(o in self.ratios for o in owners if o not in waiting):
             group_of = {n: g[0] for g in p.groups for n in g}
-            ordered = {n: self.ratios[group_of[n]] for n in self.names}
+            empty = torch.empty(0)
+            ordered = {n: self.ratios.get(group_of[n], empty) for n in self.names}
             p.ranks = distribute_ranks(ordered, self.budget, self.max_components, p.groups)
+        p.ranks.update({o: 0 for o in waiting})
         tau = self.settings.tau
         for o in owners:
+            if o in waiting:
+                continue
             sim = self.similar.get(o)
             need = p.ranks[o]
             if self.settings.refine_converged and need <= self.done_at.get(o, -1):
@@ -294,6 +307,9 @@ class EvaRun:
             self.done[o] = need == 0 or (sim is not None and bool((sim[:need] >= tau).all()))
             if self.done[o]:
                 self.done_at[o] = need
+        # an expert no token has reached keeps waiting for one while other PCAs still run, then ends at rank 0
+        settled = len(waiting) < len(owners) and all(self.done[o] for o in owners if o not in waiting)
+        self.done.update({o: settled for o in waiting})
 
     # -- driving --------------------------------------------------------------------------------------------
     def run(self, batches: Iterable[Any], show_progress: bool = True, on_step: Callable[["EvaRun"], None] | None = None) -> None:
@@ -362,7 +378,7 @@ class EvaRun:
             if self.comm.is_main:
                 log.warning(msg + "; keeping their current estimates (eva.on_unconverged: warn)")
         self.stats.updates = {o: s.steps for o, s in self.states.items()}
-        gathered = self.comm.gather_to_main(({o: _cpu_state(s) for o, s in self.states.items()}, self.stats))
+        gathered = self.comm.gather_to_main(({o: _state_to(s, "cpu") for o, s in self.states.items()}, self.stats))
         if gathered is None:
             return None
         states: dict[str, ipca.PCAState] = {}
@@ -378,10 +394,10 @@ class EvaRun:
         alpha_pattern, rank_pattern, layer_alpha = {}, {}, {}
         for n in self.names:
             st, rank = states[group_of[n]], p.ranks[n]
-            k = st.n_components
-            ratios[n] = [round(float(v), 8) for v in st.explained_variance_ratio()[:k]]
+            k = st.n_components if st.fitted else 0  # an expert no token reached has no spectrum
+            ratios[n] = [round(float(v), 8) for v in st.explained_variance_ratio()[:k]] if k else []
             singular[n] = [float(v) for v in st.singular_values[:k]]
-            conv[n] = bool(self.done[group_of[n]])
+            conv[n] = bool(self.done[group_of[n]]) and st.fitted
             if rank > 0:
                 a = st.top(rank).clone().float()
                 if s_cfg.whiten:
@@ -394,7 +410,7 @@ class EvaRun:
             if alpha != s_cfg.lora_alpha:
                 alpha_pattern[n] = alpha
         spectrum = {}
-        for o in self.owners:
+        for o in (o for o in self.owners if states[o].fitted):
             spectrum[f"{o}.components"] = states[o].top(states[o].n_components).float()
             spectrum[f"{o}.singular_values"] = states[o].singular_values[: states[o].n_components].float()
         import transformers
@@ -429,6 +445,11 @@ class EvaRun:
             "singular_values": singular,
             "converged": conv,
             "shared_inputs": [g for g in p.groups if len(g) > 1],
+            "target_parameters": s_cfg.target_parameters,
+            "experts": {e.name: {"num_experts": e.num_experts, "in_features": e.in_features,
+                                 "out_features": e.out_features} for e in self.experts.params},
+            "expert_tokens": {k: states[k].n_seen for k in self.share},
+            "unrouted": [k for k in self.share if not states[k].fitted],
             "tokens": p.tokens,
             "batches": p.step,
             "world_size": self.comm.world,
@@ -436,16 +457,10 @@ class EvaRun:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         meta.update(extra)
+        if meta["unrouted"]:
+            log.warning("%d expert(s) received no token of the data and end at rank 0: %s", len(meta["unrouted"]),
+                        ", ".join(meta["unrouted"][:8]) + (" ..." if len(meta["unrouted"]) > 8 else ""))
         return EvaState(tensors, meta, spectrum)
-
-
-def _cpu_state(s: ipca.PCAState) -> ipca.PCAState:
-    return ipca.PCAState(
-        s.n_features, s.n_components, s.n_track, s.seed,
-        mean=s.mean.cpu(), var=s.var.cpu(), n_seen=s.n_seen, steps=s.steps,
-        components=s.components.cpu(), singular_values=s.singular_values.cpu(),
-        similarity=None if s.similarity is None else s.similarity.cpu(), history=list(s.history),
-    )
 
 
 def _state_to(s: ipca.PCAState, device: torch.device | str) -> ipca.PCAState:

@@ -1,4 +1,7 @@
-"""Which layers EVA targets: PEFT's target_modules / exclude_modules rules over nn.Linear and GPT-2 Conv1D."""
+"""Which layers EVA targets: PEFT's target_modules / exclude_modules rules over nn.Linear and GPT-2 Conv1D.
+
+Under all-linear the output head and the linear routers of mixture-of-experts blocks are left out.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import ConfigError
+from .experts import router_names
 
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "cls", "qa_outputs")
 
@@ -49,9 +53,12 @@ def _matches(spec: list[str] | str, name: str) -> bool:
 def resolve_targets(
     model: nn.Module, target_modules: list[str] | str, exclude_modules: list[str] | str | None = None
 ) -> list[Target]:
-    """Target layers in model order; an entry that matches nothing is an error that lists near names."""
+    """Target layers in model order; an entry that matches nothing is an error that lists near names. An empty list
+    is no layer (a job that targets only expert parameters)."""
+    if isinstance(target_modules, list) and not target_modules:
+        return []
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
-    heads = output_head_names(model) if all_linear else set()
+    heads = output_head_names(model) | router_names(model) if all_linear else set()
     found: list[Target] = []
     linear_names: list[str] = []
     for name, module in model.named_modules():
