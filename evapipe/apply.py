@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -25,7 +26,9 @@ from torch import nn
 
 from .budget import pattern_value, scaled_alpha
 from .errors import ConfigError, StateError
-from .state import FORMAT, FORMAT_VERSION, PEFT_PREFIX, EvaState, load_state, strip_peft_prefix
+from .expert_adapters import check_experts, expert_keys, load_expert_components, parameter_alphas, parameter_ranks
+from .experts import module_name
+from .state import FORMAT, FORMAT_VERSION, PEFT_PREFIX, EvaState, load_state, read_metadata, strip_peft_prefix
 from .targets import linear_shape
 
 if TYPE_CHECKING:
@@ -53,10 +56,15 @@ def as_state(state: StateLike, lora_config: LoraConfig | None = None) -> EvaStat
     if isinstance(state, EvaState):
         return state
     if isinstance(state, (str, os.PathLike)):
-        return load_state(state, with_spectrum=False)
+        return load_for_apply(state)
     if isinstance(state, Mapping):
         return state_from_peft(state, lora_config)
     raise TypeError(f"expected an EvaState, a state file path or a {{module name: A}} dict, got {type(state).__name__}")
+
+
+def load_for_apply(path: str | os.PathLike) -> EvaState:
+    """A state file as apply needs it: with its spectrum only when it has experts (their blocks' extra rows)."""
+    return load_state(path, with_spectrum=bool(read_metadata(path).get("experts")))
 
 
 def state_from_peft(state_dict: Mapping[str, torch.Tensor], lora_config: LoraConfig | None = None) -> EvaState:
@@ -90,7 +98,7 @@ def backbone_prefix(model: nn.Module, state: EvaState) -> str:
     """'' when `model` has the state's layer names; else the prefix under which it holds the model the state was
     computed on (`bert.` when a BertModel's state meets a BertForSequenceClassification), if there is one."""
     modules = dict(model.named_modules())
-    names = state.layers
+    names = list(dict.fromkeys(module_name(n) for n in state.layers))
     if not names or all(n in modules for n in names):
         return ""
     for candidate in modules:
@@ -108,8 +116,11 @@ def check_state(model: nn.Module, state: EvaState, force: bool = False, prefix: 
     from .models import model_fingerprint
 
     modules = dict(model.named_modules())
-    problems = []
+    problems = check_experts(model, state.meta)
+    experts = expert_keys(state.meta)
     for name, rank in state.ranks.items():
+        if name in experts:
+            continue
         want_in = int(state.meta["in_features"][name])
         module = modules.get(name)
         shape = linear_shape(module) if module is not None else None
@@ -189,13 +200,17 @@ def lora_config_for(state: EvaState, model: nn.Module, base: LoraConfig | None =
     target_modules is the exact list of layers with rank > 0. PEFT also matches a list entry against the end of
     longer names, so any other module whose name ends in a target's full name is put in exclude_modules.
     rank_pattern / alpha_pattern keys are regex-escaped full names (PEFT matches them as regexes on the end of a
-    name, so an unescaped `.` would match any character).
+    name, so an unescaped `.` would match any character). Expert parameters go to target_parameters, with one r and
+    alpha per parameter (see evapipe.expert_adapters).
     """
     from peft import LoraConfig
 
     meta, ranks = state.meta, state.ranks
-    targets = [n for n, k in ranks.items() if k > 0]
-    if not targets:
+    experts = expert_keys(meta)
+    targets = [n for n, k in ranks.items() if k > 0 and n not in experts]
+    p_ranks = {p: k for p, k in parameter_ranks(ranks, meta).items() if k > 0}
+    p_alphas = {p: a for p, a in parameter_alphas(ranks, meta).items() if p in p_ranks}
+    if not targets and not p_ranks:
         raise StateError("every layer of the state has rank 0: there is nothing to adapt")
     wanted = set(targets)
     r, alpha = int(meta["r"]), meta["lora_alpha"]
@@ -205,9 +220,9 @@ def lora_config_for(state: EvaState, model: nn.Module, base: LoraConfig | None =
     conv1d = any(type(modules[n]).__name__ == "Conv1D" for n in targets if n in modules)  # GPT-2 stores W as (in, out)
     fields = dict(
         r=r, lora_alpha=alpha, target_modules=targets, exclude_modules=collateral or None, init_lora_weights=True,
-        eva_config=None, fan_in_fan_out=conv1d,
-        rank_pattern=_name_patterns({n: ranks[n] for n in targets}, r),
-        alpha_pattern=_name_patterns({n: alphas.get(n, alpha) for n in targets}, alpha),
+        eva_config=None, fan_in_fan_out=conv1d, target_parameters=list(p_ranks) or None,
+        rank_pattern=_name_patterns({n: ranks[n] for n in targets} | p_ranks, r),
+        alpha_pattern=_name_patterns({n: alphas.get(n, alpha) for n in targets} | p_alphas, alpha),
     )
     if base is None:
         return LoraConfig(task_type=task_type_of(model), **fields)
@@ -261,7 +276,11 @@ def apply_eva_state(
     check_state(model, st, force, prefix)
     config = lora_config_for(st, model, lora_config)
     check_trainable_heads(model, config)
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # PEFT 0.21 checks rank_pattern / alpha_pattern keys against adapted modules only, and calls the keys of
+        # target_parameters (which it does apply) unmatched
+        warnings.filterwarnings("ignore", r"The following (rank|alpha)_pattern keys did not match", RuntimeWarning)
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     _load_components(peft_model, st, adapter_name)
     return peft_model
 
@@ -270,9 +289,13 @@ def _load_components(peft_model: PeftModel, state: EvaState, adapter_name: str) 
     """lora_A <- the state's components, lora_B <- 0, after checking PEFT adapted exactly the intended layers."""
     from peft.tuners.lora import LoraLayer
 
+    from peft.tuners.lora.layer import ParamWrapper
+
     modules = dict(peft_model.get_base_model().named_modules())
-    adapted = {n for n, m in modules.items() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
-    wanted = {n for n, k in state.ranks.items() if k > 0}
+    adapted = {n for n, m in modules.items()
+               if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper) and adapter_name in m.lora_A}
+    experts = expert_keys(state.meta)
+    wanted = {n for n, k in state.ranks.items() if k > 0 and n not in experts}
     if adapted != wanted:
         odd = sorted(adapted ^ wanted)
         raise StateError(f"PEFT adapted a different set of layers than the state names: {', '.join(odd[:MAX_NAMED])}")
@@ -284,6 +307,7 @@ def _load_components(peft_model: PeftModel, state: EvaState, adapter_name: str) 
             weight = layer.lora_A[adapter_name].weight
             weight.copy_(a.to(weight.device, weight.dtype))
             layer.lora_B[adapter_name].weight.zero_()
+    load_expert_components(peft_model, state, adapter_name)
 
 
 def to_peft_state_dict(state: StateLike, prefix: str = PEFT_PREFIX) -> dict[str, torch.Tensor]:
@@ -360,7 +384,7 @@ def apply_to_directory(
 
     output = Path(output)
     check_output(output, overwrite)
-    state = load_state(state_path, with_spectrum=False)
+    state = load_for_apply(state_path)
     source = state.meta.get("model") or {}
     name = model or source.get("id")
     if not name:

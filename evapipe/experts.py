@@ -239,3 +239,9 @@ def model_order(model: nn.Module, names: Sequence[str]) -> list[str]:
         return position[module], param_pos[parts[0]], parts[1]
 
     return sorted(names, key=key)
+
+
+def module_name(name: str) -> str:
+    """The module a target lives in: the layer itself, or an expert's experts module."""
+    parts = split_key(name)
+    return name if parts is None else parts[0].rpartition(".")[0]

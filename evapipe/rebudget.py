@@ -38,12 +38,15 @@ def rebudget(state: EvaState, r: int, rho: float | None = None) -> EvaState:
     groups = shared_groups(meta)
     owner = {n: g[0] for g in groups for n in g}
     layer_r = {n: (r if k == meta["r"] else int(k)) for n, k in meta["layer_r"].items()}
-    need = {n: min(round(layer_r[n] * rho), int(meta["in_features"][n])) for n in meta["ranks"]}
+    unrouted = set(meta.get("unrouted") or [])  # experts no token reached: no spectrum, rank 0 whatever the budget
+    need = {n: 0 if n in unrouted else min(round(layer_r[n] * rho), int(meta["in_features"][n])) for n in meta["ranks"]}
     for g in groups:  # a shared PCA serves its largest member
         top = max(need[n] for n in g)
         need.update({n: top for n in g})
     short = []
     for n, k in need.items():
+        if n in unrouted:
+            continue
         key = f"{owner[n]}.components"
         if key not in state.spectrum:
             raise StateError(f"the spectrum has no entry {key}: it does not belong to this state")

@@ -68,7 +68,8 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v
 
 
 LAYER_KEYED = ("ranks", "in_features", "layer_r", "layer_alpha", "max_components", "rank_pattern", "alpha_pattern",
-               "explained_variance", "singular_values", "converged")  # metadata keyed by layer name
+               "explained_variance", "singular_values", "converged", "expert_tokens",
+               "experts")  # metadata keyed by layer (or, for `experts`, expert parameter) name
 
 
 @dataclass
@@ -108,15 +109,26 @@ class EvaState:
             if isinstance(meta.get(key), dict):
                 meta[key] = {prefix + n: v for n, v in meta[key].items()}
         meta["shared_inputs"] = [[prefix + n for n in g] for g in meta.get("shared_inputs") or []]
+        meta["unrouted"] = [prefix + n for n in meta.get("unrouted") or []]
         return EvaState({prefix + n: a for n, a in self.tensors.items()}, meta,
                         {prefix + k: v for k, v in self.spectrum.items()})
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """{module name: A}, as PEFT's get_eva_state_dict returns; zero-row tensors for rank-0 layers."""
+        """{module name: A}, as PEFT's get_eva_state_dict returns; zero-row tensors for rank-0 layers.
+
+        Experts are left out: PEFT's EVA loader knows only linear layers (`evapipe apply` adapts experts)."""
         import torch
 
+        from .experts import split_key
+
+        experts = {n for n in self.ranks if split_key(n) is not None}
+        if experts:
+            log.warning("leaving out %d experts: PEFT's EVA loader takes linear layers only (use evapipe apply)",
+                        len(experts))
         out = {}
         for name, rank in self.ranks.items():
+            if name in experts:
+                continue
             t = self.tensors.get(name)
             if t is None:
                 t = torch.zeros(0, self.meta["in_features"][name])
