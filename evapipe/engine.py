@@ -396,7 +396,7 @@ class EvaRun:
             st, rank = states[group_of[n]], p.ranks[n]
             k = st.n_components if st.fitted else 0  # an expert no token reached has no spectrum
             ratios[n] = [round(float(v), 8) for v in st.explained_variance_ratio()[:k]] if k else []
-            singular[n] = [float(v) for v in st.singular_values[:k]]
+            singular[n] = [float(v) for v in st.singular_values[:k]] if k else []
             conv[n] = bool(self.done[group_of[n]]) and st.fitted
             if rank > 0:
                 a = st.top(rank).clone().float()

@@ -105,6 +105,15 @@ def _tiny_model(arch: str, tok):
             **ids, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=tok.pad_token_id))
     if arch == "bert-cls":
         return tf.BertForSequenceClassification(tf.BertConfig(**small, **ids, num_labels=3))
+    if arch == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(
+            **ids, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+            intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256))
+    if arch == "qwen2-moe":
+        return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+            **ids, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+            intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+            num_experts_per_tok=2, decoder_sparse_step=1, max_position_embeddings=256))
     if arch == "vit":
         return tf.ViTForImageClassification(tf.ViTConfig(**small, image_size=32, patch_size=8, num_labels=3))
     raise ValueError(arch)
@@ -114,7 +123,8 @@ def _tiny_model(arch: str, tok):
 def tiny_model_dir(tmp_path_factory, minilm_path):
     """tiny_model_dir(arch) -> a folder with a random 2-layer model (hidden 32) saved with save_pretrained, beside
     its tokenizer (MiniLM's vocabulary + a chat template) or, for vit, a ViTImageProcessor for 32x32 images.
-    arch: llama, gpt2, t5, bert-cls (BertForSequenceClassification), vit (ViTForImageClassification)."""
+    arch: llama, gpt2, t5, bert-cls (BertForSequenceClassification), vit (ViTForImageClassification), mixtral and
+    qwen2-moe (4 experts, top-2, fused expert parameters; Qwen2-MoE adds a shared expert of nn.Linear layers)."""
     made: dict[str, str] = {}
 
     def make(arch: str) -> str:
