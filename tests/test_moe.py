@@ -104,8 +104,8 @@ def test_expert_components_match_the_exact_pca_of_their_routed_tokens(tiny_model
 
 
 def never_route_expert_3(model: nn.Module) -> None:
-    """Make every router send what it would send to expert 3 to expert (3 + 1) % 4 ... or the other choice's
-    neighbour: a model in which expert 3 of every layer receives no token."""
+    """Every router sends the tokens that picked expert 3 to an expert they did not pick (0, or 1 when their other
+    choice is 0): a model in which expert 3 of every layer receives no token."""
 
     def reroute(module, args, output):
         logits, scores, index = output
@@ -290,3 +290,57 @@ def test_job_and_apply_to_directory_on_qwen2_moe(tiny_model_dir, tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == sorted(
         p for p in meta["experts"] if any(result.state.ranks[expert_key(p, e)] for e in range(4)))
+
+
+def moe_job(model_dir: str, out, **sections) -> dict:
+    """A tiny Mixtral job whose routers never pick expert 3, on prompt/completion rows (labels mask the prompts)."""
+    return tiny_job(model_dir, eva={"r": 2, "rho": 2.0, "tau": 0.999, "target_modules": ["q_proj"],
+                                    "target_parameters": EXPERT_PARAMS, "max_batches": 6, "on_unconverged": "warn"},
+                    hooks={"forward_fn": "test_moe:forward_without_expert_3"}, output={"path": str(out)}, **sections)
+
+
+def test_resume_restores_expert_pcas_bit_identically(tmp_path, tiny_model_dir, caplog):
+    from evapipe.checkpoint import checkpoint_dir, latest
+
+    out = tmp_path / "eva.safetensors"
+    keep = {"path": str(out), "checkpoint_every": 2, "keep_checkpoint": True}
+    first = run_job(config_from_dict(moe_job(tiny_model_dir("mixtral"), out) | {"output": keep}), show_progress=False)
+    assert latest(checkpoint_dir(out))[1]["loop"]["progress"]["step"] == 4
+    assert len(first.state.meta["unrouted"]) == 4  # checkpointed while never fitted
+    with caplog.at_level(logging.INFO, logger="evapipe"):
+        again = run_job(config_from_dict(moe_job(tiny_model_dir("mixtral"), out)), show_progress=False)
+    assert "at batch 4" in caplog.text
+    assert again.state.ranks == first.state.ranks and again.state.meta["unrouted"] == first.state.meta["unrouted"]
+    assert again.state.meta["expert_tokens"] == first.state.meta["expert_tokens"]
+    assert all(torch.equal(again.state.tensors[k], t) for k, t in first.state.tensors.items())
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_experts(tmp_path, tiny_model_dir):
+    """2 processes x batch 4 = 1 x 8: same expert ranks, tokens and components; every expert PCA on one rank."""
+    import json
+
+    from test_distributed import REPO, assert_same_state, torchrun
+    from test_distributed import prompt_rows as rows
+    from conftest import write_config
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    job = moe_job(tiny_model_dir("mixtral"), tmp_path / "two.safetensors",
+                  data={"path": str(data), "prompt_field": "prompt", "completion_field": "completion",
+                        "shuffle": False, "max_length": 48, "batch_size": 4, "max_samples": None})
+    cfg = write_config(tmp_path / "job.yaml", **job)
+    one = run_job(config_from_dict(job, [f"output.path={tmp_path / 'one.safetensors'}", "data.batch_size=8"]),
+                  show_progress=False)
+    two = torchrun(str(REPO / "tests" / "dist_helpers.py"), "--config", str(cfg), "--stats", str(tmp_path / "s.json"))
+    assert two.returncode == 0, two.stdout[-3000:]
+    assert_same_state(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
+    from evapipe import load_state
+
+    a, b = load_state(tmp_path / "one.safetensors"), load_state(tmp_path / "two.safetensors")
+    assert a.meta["expert_tokens"] == b.meta["expert_tokens"] and a.meta["unrouted"] == b.meta["unrouted"]
+    stats = json.loads((tmp_path / "s.json").read_text())
+    owned = [set(s["updates"]) for s in stats]
+    experts = {o for o in one.rank_stats[0].updates if split_key(o) is not None}
+    assert experts and all(experts & o for o in owned) and not owned[0] & owned[1]
+    assert {k: v for s in stats for k, v in s["updates"].items()} == one.rank_stats[0].updates
