@@ -49,6 +49,10 @@ def job_summary(state: Any, rank_stats: Sequence[Any], seconds: float, path: Pat
         f"total rank {sum(ranks)} over {len(ranks)} layers (budget {sum(meta['layer_r'].values())}, "
         f"{sum(1 for r in ranks if r == 0)} layers at rank 0); {meta['tokens']} tokens in {meta['batches']} batches"
     )
+    unrouted = meta.get("unrouted") or []
+    if unrouted:
+        out.append(f"{len(unrouted)} experts received no token (rank 0): {', '.join(unrouted[:4])}"
+                   + (" ..." if len(unrouted) > 4 else ""))
     for st in rank_stats:
         out.append(
             f"rank {st.rank}: {st.tokens} tokens, forward {st.forward_s:.2f}s, SVD {st.svd_s:.2f}s "

@@ -11,6 +11,9 @@ Format versions (`format_version`; the loader reads every one evapipe has shippe
   2  adds `store_key` (the store key of the job that computed it, or null), `layer_alpha` (each layer's alpha
      before rank scaling, so re-budgeting gives every layer its own alpha back) and `spectrum_id`; `layer_r` is
      always present.
+  Mixture-of-experts states (eva.target_parameters) are version 2 files with more layers and keys: each expert is
+  a layer named `<parameter>[<expert>]`, and `target_parameters`, `experts`, `expert_tokens` and `unrouted` say
+  which (see evapipe.experts). Every reader treats a state without them as one without experts, so no migration.
 Reading metadata needs neither torch nor the tensors, so `evapipe show/list` and cache lookups stay fast.
 """
 
