@@ -92,6 +92,7 @@ class Capture:
         self.stop_at: str | None = None
         self.model_input: Any = None
         self.selector: TokenSelector | None = None
+        self.expert_selector: TokenSelector | None = None  # the tokens experts count (custom layer hooks aside)
         self.raw: dict[str, torch.Tensor] | None = None  # first batch only: raw inputs, for duplicate detection
         self.tokens: dict[str, list[torch.Tensor]] = {}
         self.order: list[str] = []
@@ -118,7 +119,7 @@ class Capture:
             if not wanted:
                 return
             stop = False
-            for key, rows in fn(module, args, kwargs, wanted, self.selector).items():
+            for key, rows in fn(module, args, kwargs, wanted, self.expert_selector).items():
                 stop = self._record(key, rows, rows) or stop
             if stop:
                 raise StopForward

@@ -135,7 +135,7 @@ class EvaRun:
         if layer_fn is None and prepare_model_inputs_fn is not None:
             layer_fn = peft_layer_input
         self.targets = resolve_targets(model, settings.target_modules, settings.exclude_modules)
-        self.experts = ExpertHooks(model, resolve_expert_params(model, settings.target_parameters))
+        self.experts = ExpertHooks(resolve_expert_params(model, settings.target_parameters))
         self.names = model_order(model, [t.name for t in self.targets] + self.experts.keys)
         self.width = {t.name: t.in_features for t in self.targets}
         self.width.update({k: p.in_features for p in self.experts.params for k in p.keys()})
@@ -197,13 +197,15 @@ class EvaRun:
         if batch is None:
             return {}
         batch = to_device(batch, self.device)
+        s = self.settings
+        masks = stream_masks(batch, s.use_label_mask, s.label_mask_value, self.streams.encoder_decoder)
+        selector = TokenSelector(masks, self.streams) if masks else None
+        self.capture.expert_selector = selector  # PEFT's layer hooks know no experts: they count the batch's tokens
         if self.prepare_model_inputs_fn is not None:
             self.capture.model_input = self.prepare_model_inputs_fn(batch, settings_namespace(self.settings))
             self.capture.selector = None
         else:
-            s = self.settings
-            masks = stream_masks(batch, s.use_label_mask, s.label_mask_value, self.streams.encoder_decoder)
-            self.capture.selector = TokenSelector(masks, self.streams) if masks else None
+            self.capture.selector = selector
             self.capture.model_input = batch
         t0 = time.perf_counter()
         with self.streams.watching():

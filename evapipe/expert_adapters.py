@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .budget import scaled_alpha
 from .experts import expert_key, is_experts_module
+
+if TYPE_CHECKING:
+    from .state import EvaState
 
 log = logging.getLogger("evapipe")
 
@@ -84,7 +88,7 @@ def param_wrappers(peft_model: nn.Module, adapter_name: str) -> dict[str, nn.Mod
     return out
 
 
-def expert_block(state: object, key: str, rank: int, r: int) -> torch.Tensor | None:
+def expert_block(state: EvaState, key: str, rank: int, r: int) -> torch.Tensor | None:
     """Rows rank..r of expert `key`'s lora_A block: its next components from the spectrum (whitened as the state),
     stopping at the first row the spectrum cannot fill (none kept, or a zero row: fewer tokens than components)."""
     comps = state.spectrum.get(f"{key}.components")
@@ -102,7 +106,7 @@ def expert_block(state: object, key: str, rank: int, r: int) -> torch.Tensor | N
     return rows
 
 
-def load_expert_components(peft_model: nn.Module, state: object, adapter_name: str) -> None:
+def load_expert_components(peft_model: nn.Module, state: EvaState, adapter_name: str) -> None:
     """Each adapted expert parameter's lora_A blocks <- its experts' components (module docstring), lora_B <- 0."""
     from .errors import StateError
 

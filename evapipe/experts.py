@@ -22,13 +22,17 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .capture import ExpertsFn, TokenSelector
 
 INPUT_PARAMETERS = ("gate_up_proj", "up_proj")  # multiply the routed hidden states
 INTERMEDIATE_PARAMETERS = ("down_proj",)  # multiply act(gate) * up of the routed hidden states
@@ -195,7 +199,7 @@ class ExpertHooks:
     function Capture's hook on that module calls (see capture.ExpertsFn). `tokens` is the number of counted tokens
     the last experts module call saw (what a forward pass counted when only experts are captured)."""
 
-    def __init__(self, model: nn.Module, params: Sequence[ExpertParam]):
+    def __init__(self, params: Sequence[ExpertParam]):
         self.params = list(params)
         self.tokens = 0
         by_module: dict[str, list[ExpertParam]] = {}
@@ -207,12 +211,13 @@ class ExpertHooks:
     def keys(self) -> list[str]:
         return [k for p in self.params for k in p.keys()]
 
-    def spec(self) -> dict[str, tuple[list[str], Any]]:
+    def spec(self) -> dict[str, tuple[list[str], ExpertsFn]]:
         """{experts module name: (its expert keys, the rows function)} for Capture."""
         return {m: ([k for p in ps for k in p.keys()], self._rows_fn(ps)) for m, ps in self.modules.items()}
 
-    def _rows_fn(self, params: Sequence[ExpertParam]) -> Any:
-        def rows(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], wanted: Any, selector: Any):
+    def _rows_fn(self, params: Sequence[ExpertParam]) -> ExpertsFn:
+        def rows(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], wanted: AbstractSet[str],
+                 selector: TokenSelector | None) -> dict[str, torch.Tensor]:
             hidden, index = routing_args(args, kwargs)
             keys = {p.parameter: [k for k in p.keys() if k in wanted] for p in params}
             keep = selector.flat_index(hidden, next(iter(wanted))) if selector is not None else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -171,6 +172,12 @@ def test_expert_rows_honour_the_token_masks(tiny_model_dir, support_texts):
                                on_unconverged="warn", use_label_mask=use_label_mask)
         state = compute_eva_state(model, batches, settings, show_progress=False)
         assert state.meta["expert_tokens"][key] == want
+    # PEFT-style custom hooks shape linear layers' inputs only: experts still count the batch's masked tokens
+    from peft.tuners.lora.eva import prepare_model_inputs_fn_language_modeling
+
+    state = compute_eva_state(model, batches, replace(settings, use_label_mask=True), show_progress=False,
+                              prepare_model_inputs_fn=prepare_model_inputs_fn_language_modeling)
+    assert state.meta["expert_tokens"][key] == reference
 
 
 def trained_logits_move(peft_model, batch) -> float:
@@ -344,3 +351,53 @@ def test_two_processes_match_one_with_experts(tmp_path, tiny_model_dir):
     experts = {o for o in one.rank_stats[0].updates if split_key(o) is not None}
     assert experts and all(experts & o for o in owned) and not owned[0] & owned[1]
     assert {k: v for s in stats for k, v in s["updates"].items()} == one.rank_stats[0].updates
+
+
+def test_four_bit_base_keeps_experts_in_full_precision_and_applies(tmp_path, minilm_path, support_texts):
+    """bitsandbytes quantizes nn.Linear layers only: a 4-bit Mixtral's experts stay float, EVA computes on them and
+    the adapter (4-bit attention LoRA + full-precision expert LoRA) starts at the base."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MixtralConfig, MixtralForCausalLM
+
+    from conftest import _tiny_tokenizer
+
+    torch.manual_seed(0)
+    tok = _tiny_tokenizer(minilm_path)
+    MixtralForCausalLM(MixtralConfig(  # 4-bit blocks need widths of at least 64
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, hidden_size=64, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+    )).save_pretrained(tmp_path)
+
+    def load_4bit():
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"})
+
+    batches = masked_batches(tok, support_texts, n_batches=2)
+    model = load_4bit().eval()
+    assert model.model.layers[0].mlp.experts.down_proj.dtype == torch.float32
+    state = compute_eva_state(model, batches, EvaSettings(r=2, target_modules=["q_proj"], target_parameters=EXPERT_PARAMS,
+                                                          max_batches=2, on_unconverged="warn"), show_progress=False)
+    fresh = load_4bit().train()  # fresh, and not in eval mode: bitsandbytes repacks a CPU 4-bit model's weights at
+    with torch.no_grad():  # its first eval-mode forward without grad (apply_eva_state refuses such a model)
+        expected = fresh(input_ids=batches[0]["input_ids"]).logits
+    peft_model = apply_eva_state(fresh, state)
+    assert peft_model.peft_config["default"].target_parameters
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=batches[0]["input_ids"]).logits, expected, atol=1e-6)
+
+
+def test_apply_refuses_a_state_whose_experts_do_not_fit(tiny_model_dir, support_texts):
+    from evapipe.errors import StateError
+
+    model, tok = load(tiny_model_dir("mixtral"))
+    batches = masked_batches(tok, support_texts, n_batches=1)
+    state = compute_eva_state(model, batches, EvaSettings(r=2, target_modules=[], target_parameters=["down_proj"],
+                                                          max_batches=1, on_unconverged="warn"), show_progress=False)
+    name = "model.layers.1.mlp.experts.down_proj"
+    state.meta["experts"][name] = state.meta["experts"][name] | {"num_experts": 8}
+    with pytest.raises(StateError, match=r"down_proj \(4 experts of in_features 32 in the model, 8 of 32 in the state"):
+        apply_eva_state(model, state)
+    qwen, _ = load(tiny_model_dir("qwen2-moe"))
+    other = copy.deepcopy(state)
+    other.meta["experts"] = {n.replace("layers.1", "layers.7"): v for n, v in state.meta["experts"].items()}
+    with pytest.raises(StateError, match="layers.7.mlp.experts.down_proj \\(no module model.layers.7.mlp.experts"):
+        apply_eva_state(qwen, other)
