@@ -66,7 +66,7 @@ class TokenSelector:
 
 LayerFn = Callable[[Any, Any, str], torch.Tensor]
 # the counted rows of each wanted expert of an experts module call, from the module, its call's args and kwargs,
-# the wanted expert keys and the batch's TokenSelector (see evapipe.experts.ExpertsCapture)
+# the wanted expert keys and the batch's TokenSelector (see evapipe.experts.ExpertHooks)
 ExpertsFn = Callable[[nn.Module, tuple, Mapping[str, Any], AbstractSet[str], "TokenSelector | None"],
                      Mapping[str, torch.Tensor]]
 
