@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import nn
 
-from .budget import pattern_value, scaled_alpha
+from .assemble import state_from_inits
+from .budget import pattern_value
 from .errors import ConfigError, StateError
-from .state import FORMAT, FORMAT_VERSION, PEFT_PREFIX, EvaState, load_state, strip_peft_prefix
+from .metadata import StateMeta
+from .state import PEFT_PREFIX, EvaState, load_state, make_public, strip_peft_prefix
 from .targets import linear_shape
 
 if TYPE_CHECKING:
@@ -69,21 +71,16 @@ def state_from_peft(state_dict: Mapping[str, torch.Tensor], lora_config: LoraCon
     from peft import LoraConfig
 
     cfg = lora_config or LoraConfig()
-    adjust = cfg.eva_config.adjust_scaling_factors if cfg.eva_config is not None else True
-    tensors = {k: v.detach().float().cpu() for k, v in strip_peft_prefix(state_dict).items()}
-    ranks = {n: int(a.shape[0]) for n, a in tensors.items()}
-    layer_r = {n: int(pattern_value(cfg.rank_pattern or {}, n, cfg.r)) for n in tensors}
-    layer_alpha = {n: float(pattern_value(cfg.alpha_pattern or {}, n, cfg.lora_alpha)) for n in tensors}
-    alphas = {n: scaled_alpha(layer_alpha[n], ranks[n], layer_r[n], adjust) for n in tensors}
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "task": "peft", "r": cfg.r, "lora_alpha": cfg.lora_alpha,
-        "adjust_scaling_factors": adjust, "layer_r": layer_r, "layer_alpha": layer_alpha, "ranks": ranks,
-        "rank_pattern": {n: k for n, k in ranks.items() if k != cfg.r},
-        "alpha_pattern": {n: a for n, a in alphas.items() if a != cfg.lora_alpha},
-        "in_features": {n: int(a.shape[1]) for n, a in tensors.items()},
-        "model": {},
-    }
-    return EvaState({n: a for n, a in tensors.items() if a.shape[0] > 0}, meta)
+    tensors = strip_peft_prefix(state_dict)
+    meta = StateMeta(
+        r=cfg.r, lora_alpha=cfg.lora_alpha, task="peft",
+        adjust_scaling_factors=cfg.eva_config.adjust_scaling_factors if cfg.eva_config is not None else True,
+        ranks={n: int(a.shape[0]) for n, a in tensors.items()},
+        in_features={n: int(a.shape[1]) for n, a in tensors.items()},
+        layer_r={n: int(pattern_value(cfg.rank_pattern or {}, n, cfg.r)) for n in tensors},
+        layer_alpha={n: float(pattern_value(cfg.alpha_pattern or {}, n, cfg.lora_alpha)) for n in tensors},
+    )
+    return state_from_inits(tensors, meta)
 
 
 def backbone_prefix(model: nn.Module, state: EvaState) -> str:
@@ -315,9 +312,7 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the adapter folder should not be
+    make_public(tmp, 0o777)  # mkdtemp makes it private; the adapter folder should not be
     old = None
     try:
         peft_model.save_pretrained(str(tmp))

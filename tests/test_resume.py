@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_state, run_job
 from evapipe.checkpoint import checkpoint_dir, latest
-from evapipe.engine import default_forward
+from evapipe.forward import default_forward
 from evapipe.errors import ConfigError
 
 
