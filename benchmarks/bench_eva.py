@@ -140,7 +140,7 @@ class Meter:
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
 
-    def __enter__(self) -> "Meter":
+    def __enter__(self) -> Meter:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -328,7 +328,7 @@ class Moments:
         self.mean += delta * (m / total)
         self.count = total
 
-    def copy(self) -> "Moments":
+    def copy(self) -> Moments:
         other = Moments.__new__(Moments)
         other.count, other.mean, other.scatter = self.count, self.mean.clone(), self.scatter.clone()
         return other
@@ -346,8 +346,8 @@ def layer_moments(model: Any, batches: list, owners: list[str], prefixes: list[i
     whole, at = None, {}
     with torch.no_grad():
         for i, batch in enumerate(cycled(batches, max([len(batches), *prefixes])), 1):
-            cap.selector = TokenSelector({"input": batch["attention_mask"].bool()})
-            for name, x in cap.run(lambda: model(**batch)).items():
+            selector = TokenSelector({"input": batch["attention_mask"].bool()})
+            for name, x in cap.run(lambda batch=batch: model(**batch), selector=selector).items():
                 acc[name].add(x)
             if i == len(batches):
                 whole = {n: m.copy() for n, m in acc.items()}
@@ -463,7 +463,7 @@ def report(args: argparse.Namespace) -> str:
     for name, res in results.items():
         label = "evapipe compute_eva_state" if name == "evapipe" else "PEFT get_eva_state_dict"
         lines.append(f"{label:34s}{res['seconds']:9.2f}{res['batches']:9d}{res['peak_mb']:9.0f}{res['added_mb']:8.0f}")
-    for name, res in results.items():
+    for res in results.values():
         n = res["batches"]
         lines.append(f"{'floor: ' + str(n) + ' forwards to ' + floor['deepest'].split('.', 1)[-1]:34s}"
                      f"{floor['times'][n]:9.2f}{n:9d}")

@@ -69,9 +69,10 @@ def classifier(path: str, labels: list[str], seed: int) -> torch.nn.Module:
 
 def eva_state(path: str, labels: list[str], seed: int) -> Any:
     """EVA on the classifier's backbone with configs/default.yaml's data and EVA settings."""
+    from transformers import AutoTokenizer
+
     from evapipe import compute_eva_state, load_config
     from evapipe.data import load_rows, make_collator, rank_batches
-    from transformers import AutoTokenizer
 
     cfg = load_config(REPO / "configs" / "default.yaml")
     model = classifier(path, labels, seed)

@@ -70,7 +70,7 @@ def main() -> None:
           f"{case['seq_len']}, r={case['r']} rho={case['rho']} tau={case['tau']}, {args.device}, {args.threads} threads, "
           f"fastest of {args.repeat} runs")
     print("captured = variance the components capture on the whole data / exact top-k of the whole data")
-    print(f"| variant | wall s | vs shipped | batches | peak MB | captured mean | captured worst |")
+    print("| variant | wall s | vs shipped | batches | peak MB | captured mean | captured worst |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, res in results.items():
         frac = list(qual[label].values())

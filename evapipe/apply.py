@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from .targets import linear_shape
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
 
-StateLike = Union[EvaState, str, os.PathLike, Mapping[str, torch.Tensor]]
+StateLike = EvaState | str | os.PathLike | Mapping[str, torch.Tensor]
 
 # model class name suffix -> PEFT task_type, so AutoPeftModelFor<Task>.from_pretrained(dir) picks the right class
 CLASS_TASK_TYPE = (

@@ -18,9 +18,9 @@ so every rank raises together instead of waiting in a collective for the failed 
 from __future__ import annotations
 
 import logging
-from functools import partial
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch

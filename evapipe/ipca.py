@@ -137,7 +137,7 @@ def _orthonormalise(layers_blocks: list[list[torch.Tensor]]) -> list[list[torch.
     return [[b @ t[j] for b in blocks] for j, blocks in enumerate(layers_blocks)]
 
 
-def _start(layer: "_Layer", width: int) -> torch.Tensor:
+def _start(layer: _Layer, width: int) -> torch.Tensor:
     """(n, width): the previous components plus fresh directions drawn from the batch's own row space.
 
     The fresh directions are seeded random combinations of the batch's tokens (X^T omega, normalised): they lie
@@ -166,7 +166,7 @@ def _randomised(layers: list[_Layer], k: int) -> tuple[torch.Tensor, torch.Tenso
         if q is None:
             return None
         z = _orthonormalise([[layer.transposed_times(qj)] for layer, qj in zip(layers, q)])
-        q = None if z is None else _orthonormalise([l.times(zj[0].float()) for l, zj in zip(layers, z)])
+        q = None if z is None else _orthonormalise([lay.times(zj[0].float()) for lay, zj in zip(layers, z)])
     if q is None:
         return None
     b = torch.stack([layer.transposed_times(qj).mT for layer, qj in zip(layers, q)])  # B = Q^T A, (L, c, n)

@@ -69,7 +69,7 @@ class EvaState:
     def total_rank(self) -> int:
         return sum(self.ranks.values())
 
-    def under(self, prefix: str) -> "EvaState":
+    def under(self, prefix: str) -> EvaState:
         """The same state for a model that holds the one it was computed on at `prefix` (`bert.` in a
         BertForSequenceClassification around the BertModel the state was computed on): every name gains it."""
         if not prefix:
@@ -87,7 +87,7 @@ class EvaState:
         import torch
 
         out = {}
-        for name, rank in self.ranks.items():
+        for name in self.ranks:
             t = self.tensors.get(name)
             if t is None:
                 t = torch.zeros(0, self.meta["in_features"][name])

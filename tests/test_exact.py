@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from conftest import MINILM_TARGETS, text_batches
 from torch import nn
 
-from conftest import MINILM_TARGETS, text_batches
 from evapipe import EvaSettings, compute_eva_state
 from evapipe.capture import Capture, TokenSelector
 
@@ -35,7 +35,7 @@ def tokens_read(model: nn.Module, batches: list[dict], names: list[str]) -> dict
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for b in batches:
         selector = TokenSelector({"input": b["attention_mask"].bool()})
-        for name, x in cap.run(lambda: model(**b), selector=selector).items():
+        for name, x in cap.run(lambda b=b: model(**b), selector=selector).items():
             seen[name].append(x)
     cap.remove()
     return {n: torch.cat(x) for n, x in seen.items()}

@@ -9,16 +9,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, tiny_job, write_config
+
 from evapipe import config_from_dict, load_state, run_job
 from evapipe.checkpoint import checkpoint_dir, latest
-from evapipe.forward import default_forward
 from evapipe.errors import ConfigError
+from evapipe.forward import default_forward
 
 
 def slow_forward(model, inputs):
