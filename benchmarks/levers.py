@@ -30,7 +30,7 @@ VARIANTS: list[tuple[str, dict]] = [  # (label, bench_eva.py options that differ
     ("capture converged layers too", {"ablate": ["skip-converged"]}),
     ("no duplicate-input detection", {"ablate": ["dedup"]}),
     ("one layer at a time (no batched algebra)", {"ablate": ["batched"]}),
-    ("1 power iteration per warm update", {"knob": ["ipca.POWER_ITERATIONS=1"]}),
+    ("1 power iteration per warm update", {"ablate": ["warm-power"]}),
     ("no power iteration on the cold start", {"knob": ["ipca.FIRST_POWER_ITERATIONS=0"]}),
     ("no extra power iteration while young", {"knob": ["ipca.YOUNG_SHARE=1.0"]}),
     ("no fresh directions (EXTRA_RANDOM_DIRECTIONS=0)", {"knob": ["ipca.EXTRA_RANDOM_DIRECTIONS=0"]}),

@@ -27,23 +27,15 @@ from .assemble import state_from_inits
 from .budget import pattern_value
 from .errors import ConfigError, StateError
 from .metadata import StateMeta
+from .models import class_traits, load_model, model_fingerprint
 from .state import PEFT_PREFIX, EvaState, load_state, make_public, strip_peft_prefix
-from .targets import linear_shape
+from .targets import TRAINED_HEADS, linear_shape
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
 
 StateLike = EvaState | str | os.PathLike | Mapping[str, torch.Tensor]
 
-# model class name suffix -> PEFT task_type, so AutoPeftModelFor<Task>.from_pretrained(dir) picks the right class
-CLASS_TASK_TYPE = (
-    (("ForCausalLM", "LMHeadModel"), "CAUSAL_LM"),
-    (("ForSequenceClassification",), "SEQ_CLS"),
-    (("ForTokenClassification",), "TOKEN_CLS"),
-    (("ForQuestionAnswering",), "QUESTION_ANS"),
-    (("ForConditionalGeneration", "ForSeq2SeqLM"), "SEQ_2_SEQ_LM"),
-    (("Model",), "FEATURE_EXTRACTION"),
-)
 PROVENANCE_FILE = "evapipe.json"
 PROVENANCE_KEYS = ("task", "r", "lora_alpha", "rho", "tau", "whiten", "adjust_scaling_factors", "target_modules",
                    "batches", "tokens", "model", "dataset", "versions", "created")
@@ -102,8 +94,6 @@ def check_state(model: nn.Module, state: EvaState, force: bool = False, prefix: 
     """Raise StateError unless the state fits `model`: every layer present and linear, equal shapes, and (unless
     `force`) the architecture fingerprint the state was computed on. `force` never skips a shape check. With a
     `prefix` (see backbone_prefix), the fingerprint is that of the submodule there."""
-    from .models import model_fingerprint
-
     modules = dict(model.named_modules())
     problems = []
     for name, rank in state.ranks.items():
@@ -158,9 +148,7 @@ def check_not_cpu_packed(model: nn.Module) -> None:
 def check_trainable_heads(model: nn.Module, config: LoraConfig) -> None:
     """Refuse a quantized module that PEFT would train in full (modules_to_save; a SEQ_CLS model's classifier or
     score head): PEFT fails on it deep inside with "only Tensors of floating point dtype can require gradients"."""
-    from .models import HEAD_MODULES
-
-    names = set(config.modules_to_save or []) | (set(HEAD_MODULES) if config.task_type == "SEQ_CLS" else set())
+    names = set(config.modules_to_save or []) | (set(TRAINED_HEADS) if config.task_type == "SEQ_CLS" else set())
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if name.split(".")[-1] in names and isinstance(weight, torch.Tensor) and not weight.is_floating_point():
@@ -173,11 +161,7 @@ def check_trainable_heads(model: nn.Module, config: LoraConfig) -> None:
 
 def task_type_of(model: nn.Module) -> str | None:
     """PEFT task_type for the model's class (None for classes PEFT has no task for, e.g. image classifiers)."""
-    name = type(model).__name__
-    for suffixes, task in CLASS_TASK_TYPE:
-        if name.endswith(suffixes):
-            return task
-    return None
+    return class_traits(type(model).__name__)[1]
 
 
 def lora_config_for(state: EvaState, model: nn.Module, base: LoraConfig | None = None) -> LoraConfig:
@@ -351,7 +335,6 @@ def apply_to_directory(
     """
     from .config import ModelConfig
     from .distributed import local_device
-    from .models import load_model
 
     output = Path(output)
     check_output(output, overwrite)

@@ -308,10 +308,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config_from_dict(raw, overrides)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def reference_markdown() -> str:
     """The config reference as Markdown, generated from the dataclasses so it never drifts."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
