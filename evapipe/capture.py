@@ -105,6 +105,10 @@ class Capture:
             self.order = []  # a layer called twice per pass (weight sharing): never cut the pass short
         return {n: (t[0] if len(t) == 1 else torch.cat(t)) for n, t in self.tokens.items()}
 
+    def follow(self, order: Sequence[str]) -> None:
+        """Plan passes by this execution order (rank 0's, so that every rank cuts its passes alike)."""
+        self.order = list(order)
+
     def plan(self, plan: planning.StepPlan) -> None:
         """Capture what the next step needs; stop the pass after the deepest needed layer (in execution order)."""
         self.stop_at, self.active = planning.capture_depth(self.order, plan)

@@ -124,7 +124,7 @@ class TorchComm(Comm):
         names = list(tokens)
         if not names:
             return {}
-        # per layer: rows and dtype code of every rank's tokens, so owners size their buffers (a rank with an
+        # per group: rows and dtype code of every rank's tokens, so owners size their buffers (a rank with an
         # empty share holds a placeholder whose dtype may differ from the others' real tokens)
         meta = torch.tensor([[tokens[n].shape[0] for n in names], [_dtype_code(tokens[n]) for n in names]],
                             dtype=torch.int64, device=self.device)

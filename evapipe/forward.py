@@ -140,7 +140,7 @@ class ModelTokens:
                 f"{len(unused)} target layer(s) got no input in the first forward pass (the model's forward does not "
                 f"use them): {', '.join(unused[:6])}. Leave them out with eva.exclude_modules."
             )
-        self.capture.order = list(layout.order)
+        self.capture.follow(layout.order)
 
     def plan(self, plan: StepPlan) -> None:
         self.capture.plan(plan)
