@@ -229,8 +229,8 @@ class EvaRun:
     def _state(self, states: Mapping[str, ipca.PCAState], extra: Mapping[str, Any]) -> EvaState:
         s, p = self.settings, self.progress
         spectrum, ratios, singular = {}, {}, {}
-        for o, st in states.items():
-            k = st.n_components
+        for o in p.layout.owners:
+            st, k = states[o], states[o].n_components
             spectrum |= spectrum_entries(o, st.top(k), st.singular_values[:k])
             ratios[o] = [round(float(v), 8) for v in st.explained_variance_ratio()[:k]]
             singular[o] = [float(v) for v in st.singular_values[:k]]
