@@ -25,6 +25,8 @@ from torch import nn
 
 from .assemble import state_from_inits
 from .budget import pattern_value
+from .config import ModelConfig
+from .distributed import local_device
 from .errors import ConfigError, StateError
 from .metadata import StateMeta
 from .models import class_traits, load_model, model_fingerprint
@@ -333,9 +335,6 @@ def apply_to_directory(
 
     Everything is checked (output, state file, model fit) before anything is written.
     """
-    from .config import ModelConfig
-    from .distributed import local_device
-
     output = Path(output)
     check_output(output, overwrite)
     state = load_state(state_path, with_spectrum=False)

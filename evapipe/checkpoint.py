@@ -20,16 +20,17 @@ import logging
 import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
+
+import torch
 
 from .distributed import Comm, collectively
 from .errors import ConfigError
+from .ipca import PCAState
 from .metadata import utc_now
 from .planning import Layout, Verdict
 from .state import atomic_write
-
-if TYPE_CHECKING:
-    from .ipca import PCAState
+from .store import changed_keys
 
 log = logging.getLogger("evapipe")
 
@@ -95,8 +96,7 @@ def latest(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def _write_states(group_dir: Path, states: dict[str, PCAState]) -> None:
-    import torch
-    import zarr
+    import zarr  # zarr (and numpy below) only when a checkpoint is written or read, not for every EvaRun
 
     group = zarr.open_group(str(group_dir), mode="w")
     for i, (owner, state) in enumerate(states.items()):
@@ -118,10 +118,7 @@ def _write_states(group_dir: Path, states: dict[str, PCAState]) -> None:
 
 def _read_states(group_dir: Path) -> dict[str, PCAState]:
     import numpy as np
-    import torch
     import zarr
-
-    from .ipca import PCAState
 
     group = zarr.open_group(str(group_dir), mode="r")
     states = {}
@@ -190,8 +187,6 @@ def _decide(directory: Path, job: dict[str, Any], world: int, restart: bool) -> 
                                   "or rerun with --restart to discard it and start fresh")
     old = attrs.get("job") or {}
     if old.get("key") != job["key"]:
-        from .store import changed_keys
-
         changes = changed_keys(old.get("parts") or {}, job["parts"]) or ["unknown"]
         return Decision("refuse", f"{where} was written for a different job ({'; '.join(changes[:5])}); rerun with "
                                   "--restart to discard it and start fresh")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .apply import state_from_peft, to_peft_state_dict
 from .errors import ConfigError, StateError
 from .metadata import versions
 from .state import PEFT_PREFIX, EvaState, atomic_write, load_state
@@ -58,8 +59,6 @@ def peft_to_state(
     """An evapipe state from a PEFT EVA state dict and the settings it was computed with (PEFT's defaults)."""
     from peft import EvaConfig, LoraConfig
 
-    from .apply import state_from_peft
-
     try:
         eva = EvaConfig(rho=rho, tau=tau, use_label_mask=use_label_mask, label_mask_value=label_mask_value,
                         whiten=whiten, adjust_scaling_factors=adjust_scaling_factors)
@@ -80,8 +79,6 @@ def peft_to_state(
 
 def state_to_peft(state: EvaState, prefix: bool = True) -> dict[str, torch.Tensor]:
     """{module name: A} for PEFT (rank-0 layers as zero-row tensors, which PEFT reads as "no adapter")."""
-    from .apply import to_peft_state_dict
-
     return to_peft_state_dict(state, PEFT_PREFIX if prefix else "")
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import ipca
 from .agreement import Agreement
@@ -157,8 +158,6 @@ class EvaRun:
     def run(self, batches: Iterable[Any], show_progress: bool = True,
             on_step: Callable[[EvaRun], None] | None = None) -> None:
         """Step until every PCA is done or eva.max_batches; `batches` yields this rank's share (None if empty)."""
-        from tqdm.auto import tqdm
-
         max_batches = self.settings.max_batches
         bar = tqdm(total=max_batches, disable=not (show_progress and self.comm.is_main), desc="EVA", unit="batch",
                    initial=self.progress.step)

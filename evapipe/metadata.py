@@ -101,7 +101,7 @@ class StateMeta:
 
     def with_patterns(self) -> StateMeta:
         """rank_pattern / alpha_pattern (PEFT semantics) recomputed from ranks, layer_r and layer_alpha."""
-        from .budget import state_patterns
+        from .budget import state_patterns  # budget imports torch; reading metadata must not
 
         rank_pattern, alpha_pattern = state_patterns(self.ranks, self.layer_r, self.layer_alpha, self.r,
                                                      self.lora_alpha, self.adjust_scaling_factors)
