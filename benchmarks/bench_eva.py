@@ -352,8 +352,8 @@ def layer_moments(model: Any, batches: list, owners: list[str], prefixes: list[i
     whole, at = None, {}
     with torch.no_grad():
         for i, batch in enumerate(cycled(batches, max([len(batches), *prefixes])), 1):
-            selector = TokenSelector({"input": batch["attention_mask"].bool()})
-            for name, x in cap.run(lambda batch=batch: model(**batch), selector=selector).items():
+            cap.select(TokenSelector({"input": batch["attention_mask"].bool()}))
+            for name, x in cap.run(lambda batch=batch: model(**batch)).items():
                 acc[name].add(x)
             if i == len(batches):
                 whole = {n: m.copy() for n, m in acc.items()}

@@ -56,8 +56,8 @@ class Capture:
         self.layer_fn = layer_fn
         self.active: set[str] = set(names)
         self.stop_at: str | None = None
-        self.model_input: Any = None  # what a layer_fn is given besides the layer's input (set by run)
-        self.selector: TokenSelector | None = None  # which rows count (set by run)
+        self.model_input: Any = None  # what a layer_fn is given besides the layer's input (see select)
+        self.selector: TokenSelector | None = None  # which rows count (see select)
         self.raw: dict[str, torch.Tensor] | None = None  # first batch only: raw inputs, for duplicate detection
         self.tokens: dict[str, list[torch.Tensor]] = {}
         self.order: list[str] = []
@@ -87,13 +87,13 @@ class Capture:
         x = args[0]
         return self.selector(x, name) if self.selector is not None else x.reshape(-1, x.shape[-1])
 
-    def run(
-        self, forward: Callable[[], Any], first: bool = False, model_input: Any = None,
-        selector: TokenSelector | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Run one forward pass; returns counted tokens (rows x features) per active layer. `selector` picks the
-        rows that count (default: all); `model_input` is what a layer_fn receives as its second argument."""
-        self.model_input, self.selector = model_input, selector
+    def select(self, selector: TokenSelector | None, model_input: Any = None) -> None:
+        """For the next passes: `selector` picks the rows that count (None: all); `model_input` is what a layer_fn
+        receives as its second argument."""
+        self.selector, self.model_input = selector, model_input
+
+    def run(self, forward: Callable[[], Any], first: bool = False) -> dict[str, torch.Tensor]:
+        """Run one forward pass; returns counted tokens (rows x features) per active layer."""
         self.tokens, self.raw = {}, ({} if first else None)
         if first:
             self.order, self.calls = [], {}

@@ -117,7 +117,8 @@ class ModelTokens:
             model_input, selector = batch, (TokenSelector(masks, self.streams) if masks else None)
         t0 = time.perf_counter()
         with self.streams.watching():
-            tokens = self.capture.run(lambda: self.forward_fn(self.model, batch), first, model_input, selector)
+            self.capture.select(selector, model_input)
+            tokens = self.capture.run(lambda: self.forward_fn(self.model, batch), first)
         self.forward_s += time.perf_counter() - t0
         return tokens
 

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import MINILM_TARGETS, REPO, text_batches
 
+from conftest import MINILM_TARGETS, REPO, text_batches
 from evapipe import load_config, load_state, run_job
 from evapipe.apply import apply_eva_state, check_output, lora_config_for, state_from_peft, to_peft_state_dict
 from evapipe.cli import main

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO
 
+from conftest import REPO
 from evapipe import load_state
 from evapipe.cli import main
 from evapipe.convert import convert_file, load_peft_file, peft_to_state, state_to_peft

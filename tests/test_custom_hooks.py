@@ -11,8 +11,8 @@ import json
 
 import pytest
 import torch
-from conftest import write_image_folder
 
+from conftest import write_image_folder
 from evapipe import config_from_dict, run_job
 from evapipe.data import load_rows, make_collator, rank_batches
 from evapipe.job import import_callable

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MINILM_TARGETS, REPO, write_config
 
+from conftest import MINILM_TARGETS, REPO, write_config
 from evapipe import load_config, load_state, read_metadata, run_job
 from evapipe.data import sharded_steps
 from evapipe.distributed import assign_owners, local_device

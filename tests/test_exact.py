@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from conftest import MINILM_TARGETS, text_batches
 from torch import nn
 
+from conftest import MINILM_TARGETS, text_batches
 from evapipe import EvaSettings, compute_eva_state
 from evapipe.capture import Capture, TokenSelector
 
@@ -34,8 +34,8 @@ def tokens_read(model: nn.Module, batches: list[dict], names: list[str]) -> dict
     cap = Capture(model, names)
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for b in batches:
-        selector = TokenSelector({"input": b["attention_mask"].bool()})
-        for name, x in cap.run(lambda b=b: model(**b), selector=selector).items():
+        cap.selector = TokenSelector({"input": b["attention_mask"].bool()})
+        for name, x in cap.run(lambda b=b: model(**b)).items():
             seen[name].append(x)
     cap.remove()
     return {n: torch.cat(x) for n, x in seen.items()}

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, write_config
 from safetensors import safe_open
 
+from conftest import REPO, write_config
 from evapipe import load_config, load_state, read_metadata, run_job
 from evapipe.errors import ConfigError, DataError, StateError
 

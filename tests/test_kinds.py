@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, write_image_folder
 
+from conftest import REPO, write_image_folder
 from evapipe import load_config, load_state, run_job
 from evapipe.capture import Capture
 from evapipe.cli import main as cli

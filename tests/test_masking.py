@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import text_batches
 
+from conftest import text_batches
 from evapipe import EvaSettings, compute_eva_state, ipca
 from evapipe.config import DataConfig
 from evapipe.data import TextCollator

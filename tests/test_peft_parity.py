@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MINILM_TARGETS, text_batches
 
+from conftest import MINILM_TARGETS, text_batches
 from evapipe import EvaSettings, compute_eva_state
 from evapipe.state import strip_peft_prefix
 

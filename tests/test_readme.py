@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from conftest import REPO
-
 from evapipe.config import reference_markdown
 
 

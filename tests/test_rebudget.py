@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO, tiny_job
 
+from conftest import REPO, tiny_job
 from evapipe import config_from_dict, load_state, run_job
 from evapipe.errors import ConfigError, StateError
 from evapipe.rebudget import rebudget, rebudget_file, shared_groups

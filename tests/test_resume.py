@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, tiny_job, write_config
 
+from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_state, run_job
 from evapipe.checkpoint import checkpoint_dir, latest
 from evapipe.errors import ConfigError

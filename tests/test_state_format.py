@@ -13,9 +13,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
 from safetensors.torch import load_file, save_file
 
+from conftest import REPO
 from evapipe.errors import StateError
 from evapipe.metadata import FORMAT_VERSION, MIGRATIONS
 from evapipe.state import load_state, read_metadata, spectrum_path

@@ -10,8 +10,8 @@ import sys
 import time
 
 from click.testing import CliRunner
-from conftest import REPO, tiny_job, write_config
 
+from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_state, read_metadata, run_job
 from evapipe.cli import main
 from evapipe.store import STATE_FILE, job_key, list_states, model_slug, state_dir
