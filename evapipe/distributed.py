@@ -80,7 +80,7 @@ class Comm:
         return obj
 
     def route(self, tokens: Mapping[str, torch.Tensor], owner: Mapping[str, int]) -> dict[str, torch.Tensor]:
-        """Each owner receives the rows all ranks captured for its layers (concatenated in rank order)."""
+        """Each owner receives the rows all ranks captured for its groups (concatenated in rank order)."""
         return dict(tokens)
 
     def gather_to_main(self, obj: Any) -> list[Any] | None:
