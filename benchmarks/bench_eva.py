@@ -425,7 +425,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--full-batches", type=int, default=8, help="batches timed for the full forward (logits)")
-    p.add_argument("--knob", action="append", default=[], help="evapipe constant, e.g. ipca.POWER_ITERATIONS=2")
+    p.add_argument("--knob", action="append", default=[], help="evapipe constant, e.g. ipca.FIRST_POWER_ITERATIONS=0")
     p.add_argument("--ablate", action="append", default=[], choices=ABLATIONS, help="switch an evapipe lever off")
     p.add_argument("--skip-peft", action="store_true", help="time evapipe and the floor only")
     p.add_argument("--json", help="also write the figures to this file")
