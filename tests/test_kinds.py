@@ -204,7 +204,7 @@ def test_seq2seq_layers_read_their_own_side_when_lengths_match(tiny_model_dir):
     assert torch.equal(tokens[dec_q], seen[dec_q][dec])
     assert torch.equal(tokens[cross_q], seen[cross_q][dec])  # cross-attention queries: decoder tokens
     assert torch.equal(tokens[cross_k], seen[cross_k][enc])  # cross-attention keys: the encoder's tokens
-    assert run.streams.stream == {enc_q: "input", dec_q: "decoder", cross_q: "decoder", cross_k: "input"}
+    assert run.source.streams.stream == {enc_q: "input", dec_q: "decoder", cross_q: "decoder", cross_k: "input"}
 
 
 @pytest.mark.parametrize("arch, kind, cls", [
