@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .assemble import layer_init
 from .budget import scaled_alpha
 from .experts import expert_key, is_experts_module
 
@@ -91,19 +92,11 @@ def param_wrappers(peft_model: nn.Module, adapter_name: str) -> dict[str, nn.Mod
 def expert_block(state: EvaState, key: str, rank: int, r: int) -> torch.Tensor | None:
     """Rows rank..r of expert `key`'s lora_A block: its next components from the spectrum (whitened as the state),
     stopping at the first row the spectrum cannot fill (none kept, or a zero row: fewer tokens than components)."""
-    comps = state.spectrum.get(f"{key}.components")
-    if comps is None or r <= rank:
+    if f"{key}.components" not in state.spectrum or r <= rank:
         return None
-    rows = comps[rank:r].float()
-    nonzero = rows.norm(dim=1) > 0
-    n = int(nonzero.long().cumprod(0).sum())
-    if n == 0:
-        return None
-    rows = rows[:n].clone()
-    if state.meta.get("whiten"):
-        sv = state.spectrum[f"{key}.singular_values"][rank : rank + n].float()
-        rows /= sv.clamp_min(1e-12).sqrt().unsqueeze(1)
-    return rows
+    rows = layer_init(state.spectrum, key, r, bool(state.meta.get("whiten")))[rank:]
+    n = int((rows.norm(dim=1) > 0).long().cumprod(0).sum())
+    return rows[:n] if n else None
 
 
 def load_expert_components(peft_model: nn.Module, state: EvaState, adapter_name: str) -> None:

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_exact import exact_pca
 from torch import nn
 
 from conftest import text_batches, tiny_job
@@ -25,7 +26,6 @@ from evapipe.errors import ConfigError
 from evapipe.experts import expert_key, resolve_expert_params, split_key
 from evapipe.rebudget import rebudget
 from evapipe.targets import resolve_targets
-from test_exact import exact_pca
 
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -123,7 +123,7 @@ def never_route_expert_3(model: nn.Module) -> None:
 
 def forward_without_expert_3(model, inputs):
     """hooks.forward_fn for jobs: the model as in never_route_expert_3, then the default forward."""
-    from evapipe.engine import default_forward
+    from evapipe.forward import default_forward
 
     never_route_expert_3(model)
     return default_forward(model, inputs)
@@ -329,6 +329,7 @@ def test_two_processes_match_one_with_experts(tmp_path, tiny_model_dir):
 
     from test_distributed import REPO, assert_same_state, torchrun
     from test_distributed import prompt_rows as rows
+
     from conftest import write_config
 
     data = tmp_path / "rows.jsonl"
