@@ -22,7 +22,7 @@ from torch import nn
 
 from .assemble import layer_init
 from .budget import scaled_alpha
-from .experts import expert_key, is_experts_module
+from .experts import expert_key, expert_shape, is_experts_module
 
 if TYPE_CHECKING:
     from .state import EvaState
@@ -69,8 +69,7 @@ def check_experts(model: nn.Module, meta: Mapping) -> list[str]:
         if not isinstance(param, torch.Tensor) or not is_experts_module(module) or param.ndim != 3:
             problems.append(f"{name} (not a fused expert parameter of an experts module in the model)")
             continue
-        transposed = bool(getattr(module, "is_transposed", False))
-        in_f = param.shape[1] if transposed else param.shape[2]
+        in_f = expert_shape(module, param)[0]
         if (param.shape[0], in_f) != (info["num_experts"], info["in_features"]):
             problems.append(f"{name} ({param.shape[0]} experts of in_features {in_f} in the model, "
                             f"{info['num_experts']} of {info['in_features']} in the state)")

@@ -83,6 +83,13 @@ def is_experts_module(module: nn.Module) -> bool:
     )
 
 
+def expert_shape(module: nn.Module, param: torch.Tensor) -> tuple[int, int]:
+    """(in_features, out_features) of one expert of a fused parameter: (experts, out, in), or (experts, in, out) in
+    the transposed layout some models use (PEFT's ParamWrapper reads it the same way)."""
+    transposed = bool(getattr(module, "is_transposed", False))
+    return (int(param.shape[1]), int(param.shape[2])) if transposed else (int(param.shape[2]), int(param.shape[1]))
+
+
 def _matches(entry: str, name: str) -> bool:
     return name == entry or name.endswith(f".{entry}")  # PEFT's target_parameters rule
 
@@ -112,10 +119,8 @@ def resolve_expert_params(model: nn.Module, target_parameters: Sequence[str] | N
                     f"{'/'.join(INPUT_PARAMETERS + INTERMEDIATE_PARAMETERS)} multiply, not `{full}`"
                 )
             n = int(param.shape[0])
-            transposed = bool(getattr(module, "is_transposed", False))
-            in_f, out_f = (param.shape[1], param.shape[2]) if transposed else (param.shape[2], param.shape[1])
-            share = min(1.0, (top_k or 1) / n)
-            found.append(ExpertParam(module_name, p_name, n, int(in_f), int(out_f), share))
+            in_f, out_f = expert_shape(module, param)
+            found.append(ExpertParam(module_name, p_name, n, in_f, out_f, min(1.0, (top_k or 1) / n)))
     for entry in target_parameters:
         if not any(_matches(entry, p.name) for p in found):
             suffixes = sorted({".".join(n.split(".")[-k:]) for n in all_names for k in (1, 2, 3)})
