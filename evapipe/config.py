@@ -26,6 +26,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+ModelKind = Literal["auto", "causal-lm", "encoder", "seq-cls", "seq2seq", "image-cls"]
+MODEL_KINDS = typing.get_args(ModelKind)[1:]  # the kinds `auto` chooses from
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = _f(
@@ -39,7 +43,7 @@ class ModelConfig:
         None, "Load the base bitsandbytes-quantized (4bit or 8bit) and compute EVA on it, as PEFT allows."
     )
     trust_remote_code: bool = _f(False, "Passed to transformers' from_pretrained.")
-    kind: Literal["auto", "causal-lm", "encoder", "seq-cls", "seq2seq", "image-cls"] = _f(
+    kind: ModelKind = _f(
         "auto", "Which model class and inputs to use; `auto` follows the model config's `architectures`."
     )
     device: str = _f("auto", "Device to run on: `auto` (the local rank's GPU if there is one, else CPU), `cpu`, `cuda`.")

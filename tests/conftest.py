@@ -163,3 +163,16 @@ def tiny_job(llama_dir: str, task: str = "t", **sections) -> dict:
     for name, values in sections.items():
         job[name] = {**job.get(name, {}), **values} if isinstance(values, dict) else values
     return job
+
+
+def job_state(tmp_path: Path, *overrides: str) -> Path:
+    """A small MiniLM state from the default job config (few batches; unconverged layers kept with a warning)."""
+    from evapipe import load_config, run_job
+
+    out = tmp_path / "eva.safetensors"
+    cfg = load_config(REPO / "configs" / "default.yaml", [
+        f"output.path={out}", "data.max_samples=64", "data.max_length=48", "eva.r=4", "eva.max_batches=6",
+        "eva.on_unconverged=warn", *overrides,
+    ])
+    run_job(cfg, show_progress=False)
+    return out
