@@ -133,7 +133,7 @@ def test_plain_python_is_one_process(minilm_runs):
     tmp, one, _ = minilm_runs
     assert one.returncode == 0, one.stdout[-3000:]
     assert read_metadata(tmp / "one.safetensors")["world_size"] == 1
-    assert "rank 0:" in one.stdout and "rank 1:" not in one.stdout
+    assert "process 0:" in one.stdout and "process 1:" not in one.stdout
 
 
 def test_accelerate_two_processes_match_one(minilm_runs):
@@ -142,7 +142,7 @@ def test_accelerate_two_processes_match_one(minilm_runs):
     assert_same_state(tmp / "one.safetensors", tmp / "two.safetensors")
     assert read_metadata(tmp / "two.safetensors")["batches"] == 12  # past the step where rank 1 had nothing
     # the end-of-job summary shows each rank's tokens, forward time and SVD time
-    lines = [ln for ln in two.stdout.splitlines() if ln.startswith(("rank 0:", "rank 1:"))]
+    lines = [ln for ln in two.stdout.splitlines() if ln.startswith(("process 0:", "process 1:"))]
     assert len(lines) == 2 and all("tokens" in ln and "forward" in ln and "SVD" in ln for ln in lines)
 
 
