@@ -276,14 +276,27 @@ def _ends_with_any(name: str, names: set[str]) -> bool:
 
 
 def _name_patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
-    """{escaped full name: value} for the layers whose value is not the default, longest name first.
+    """{pattern key of the full name: value} for the layers whose value is not the default, longest name first.
 
     PEFT takes the first key that matches the end of a name, so a layer whose name ends in another patterned
     layer's full name gets its own key (even at the default value), tried before the shorter one.
     """
     keep = {n for n, v in values.items() if v != default}
     keep |= {n for n in values if _ends_with_any(n, keep)}
-    return {re.escape(n): values[n] for n in sorted(keep, key=len, reverse=True)}
+    return {exact_key(n): values[n] for n in sorted(keep, key=len, reverse=True)}
+
+
+def exact_key(name: str) -> str:
+    """A rank_pattern / alpha_pattern key that matches exactly `name`, in old and new PEFT alike.
+
+    PEFT >= 0.15 matches a key as `(.*\\.)?KEY$`; PEFT 0.14 as `.*\\.KEY$`, which needs a dot before the key, so a
+    plain full name (`encoder.layer.0.attention.self.query`, no dot before it) silently never matches there and the
+    layer gets the default r. The key is the name after its first component, with a lookbehind that pins that
+    component to the start of the name: both rules then match this name and no other. A one-component name has no
+    dot to split at (PEFT 0.14 cannot pattern it at all).
+    """
+    first, dot, rest = name.partition(".")
+    return rf"(?<=^{re.escape(first)}\.){re.escape(rest)}" if dot else re.escape(name)
 
 
 def apply_eva_state(
@@ -388,6 +401,7 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
     old = None
     try:
         peft_model.save_pretrained(str(tmp))
+        _drop_eva_config(tmp / "adapter_config.json")
         meta = state.meta
         config = next(iter(peft_model.peft_config.values()))
         adapter_for = {"class": type(peft_model.get_base_model()).__name__, "task_type": config.task_type,
@@ -411,6 +425,15 @@ def read_provenance(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """The evapipe.json of an adapter directory ({} for an adapter evapipe did not write)."""
     path = Path(adapter_dir) / PROVENANCE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _drop_eva_config(path: Path) -> None:
+    """The adapter is plain LoRA (init_lora_weights=True): PEFT's `"eva_config": null` only names a feature that
+    PEFT versions without EVA do not know, so it is left out."""
+    config = json.loads(path.read_text())
+    if config.get("eva_config", 0) is None:
+        del config["eva_config"]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def apply_to_directory(
