@@ -28,7 +28,8 @@ def main() -> None:
     """EVA (Explained Variance Adaptation) initialisation for LoRA adapters.
 
     Compute a state from a model and task data (`compute`), look at it (`show`), turn it into a PEFT adapter
-    (`apply`) and check an adapter against a model (`check`); list a store (`list`), re-budget a state (`rebudget`), convert to and from PEFT (`convert`).
+    (`apply`) and check an adapter against a model (`check`); list a store (`list`), re-budget a state
+    (`rebudget`), convert to and from PEFT (`convert`).
     """
 
 

@@ -176,3 +176,30 @@ def job_state(tmp_path: Path, *overrides: str) -> Path:
     ])
     run_job(cfg, show_progress=False)
     return out
+
+
+def support_rows() -> list[dict]:
+    return [json.loads(line) for line in (ASSETS / "support_intents.jsonl").read_text().splitlines()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+N_CHAT_ROWS = 32
+
+
+def chat_data(tmp: Path) -> str:
+    """Conversations; one assistant reply repeats its user's message word for word, one has two assistant turns."""
+    rows = []
+    for i, r in enumerate(support_rows()[:N_CHAT_ROWS]):
+        messages = [{"role": "system", "content": "You sort support messages."},
+                    {"role": "user", "content": r["text"][:80]},
+                    {"role": "assistant", "content": f"This is about {r['label']}."}]
+        if i % 4 == 0:
+            messages += [{"role": "user", "content": r["label"]}, {"role": "assistant", "content": r["label"]}]
+        rows.append({"messages": messages})
+    return write_jsonl(tmp / "chat.jsonl", rows)
+
+

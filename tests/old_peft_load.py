@@ -29,7 +29,8 @@ def load_one(adapter: str, num_labels: int | None) -> dict:
         out = base(**batch)
         before = out.logits if num_labels else out.last_hidden_state
     model = PeftModel.from_pretrained(base, adapter, is_trainable=True).eval()
-    saved = {k.removeprefix("base_model.model."): v for k, v in load_file(f"{adapter}/adapter_model.safetensors").items()}
+    saved = {k.removeprefix("base_model.model."): v
+             for k, v in load_file(f"{adapter}/adapter_model.safetensors").items()}
     layers = {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
     with torch.no_grad():
         out = model(**batch)
