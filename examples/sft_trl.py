@@ -17,31 +17,17 @@ Needs `pip install 'evapipe[train]'` (TRL).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", required=True, help="adapter directory written by `evapipe apply`")
-    parser.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
-    parser.add_argument("--data", required=True, help="a .jsonl/.json file or hub dataset with a `messages` column")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=Path("out/sft"))
-    return parser.parse_args(argv)
+from recipe_args import base_model, recipe_parser  # noqa: E402 (examples/, beside this file)
 
 
 def main(argv: list[str] | None = None) -> list[float]:
     """Train; return the logged training losses."""
-    args = parse_args(argv)
+    args = recipe_parser(__doc__.splitlines()[0], steps=100, max_length=1024, out="out/sft").parse_args(argv)
     import torch
     from datasets import load_dataset
     from peft import PeftModel
@@ -50,8 +36,7 @@ def main(argv: list[str] | None = None) -> list[float]:
 
     from evapipe.adapter_check import check_adapter_dir
 
-    model_path = args.model or json.loads((Path(args.adapter) / "adapter_config.json").read_text())[
-        "base_model_name_or_path"]
+    model_path = base_model(args)
     check_adapter_dir(args.adapter, model_path)  # 1. fails with what to run instead
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

@@ -20,26 +20,13 @@ on the assistant replies only; each step every process trains on its own share o
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", required=True, help="adapter directory written by `evapipe apply`")
-    parser.add_argument("--model", default=None, help="base causal LM (default: the one the adapter names)")
-    parser.add_argument("--data", required=True, help="a .jsonl/.json file or hub dataset with a `messages` column")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=4, help="samples per step, per process")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--out", type=Path, default=Path("out/fsdp"))
-    return parser.parse_args(argv)
+from recipe_args import base_model, recipe_parser  # noqa: E402 (examples/, beside this file)
 
 
 def decoder_layers(model):
@@ -49,7 +36,7 @@ def decoder_layers(model):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = recipe_parser(__doc__.splitlines()[0], steps=50, max_length=512, out="out/fsdp").parse_args(argv)
     import torch
     import torch.distributed as dist
     from peft import PeftModel
@@ -69,8 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     if cuda:
         torch.cuda.set_device(device)
 
-    model_path = args.model or json.loads((Path(args.adapter) / "adapter_config.json").read_text())[
-        "base_model_name_or_path"]
+    model_path = base_model(args)
     check_adapter_dir(args.adapter, model_path)  # every process: the adapter's keys load onto this model
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

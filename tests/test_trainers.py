@@ -22,6 +22,9 @@ from evapipe.cli import main as cli
 
 
 def example(name: str):
+    """An examples/ script as a module (its neighbours, such as recipe_args, importable as when it runs)."""
+    if str(REPO / "examples") not in sys.path:
+        sys.path.insert(0, str(REPO / "examples"))
     spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
