@@ -240,8 +240,8 @@ def lora_config_for(state: EvaState, model: nn.Module, base: LoraConfig | None =
 
     target_modules is the exact list of layers with rank > 0. PEFT also matches a list entry against the end of
     longer names, so any other module whose name ends in a target's full name is put in exclude_modules.
-    rank_pattern / alpha_pattern keys are regex-escaped full names (PEFT matches them as regexes on the end of a
-    name, so an unescaped `.` would match any character). DoRA and rsLoRA are on when asked here or in `base`.
+    rank_pattern / alpha_pattern keys match exactly one full name each (see exact_key; PEFT matches them as regexes
+    on the end of a name). DoRA and rsLoRA are on when asked here or in `base`.
     """
     from peft import LoraConfig
 
@@ -403,9 +403,8 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
         peft_model.save_pretrained(str(tmp))
         _drop_eva_config(tmp / "adapter_config.json")
         meta = state.meta
-        config = next(iter(peft_model.peft_config.values()))
-        adapter_for = {"class": type(peft_model.get_base_model()).__name__, "task_type": config.task_type,
-                       **(built_for or {})}
+        adapter_for = {"class": type(peft_model.get_base_model()).__name__,
+                       "task_type": peft_model.active_peft_config.task_type, **(built_for or {})}
         provenance = {k: meta[k] for k in PROVENANCE_KEYS if k in meta} | {"ranks": state.ranks,
                                                                           "adapter_for": adapter_for}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
