@@ -23,7 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .state import atomic_write
 
 log = logging.getLogger("evapipe")
@@ -106,29 +106,38 @@ def _read_states(group_dir: Path) -> dict[str, Any]:
 
 def save(directory: str | Path, snapshot: dict[str, Any], comm: Any, job: dict[str, Any]) -> Path:
     """Checkpoint one step (called on every rank at the same step); returns the step's folder."""
-    import zarr
-
     directory = Path(directory)
     step_dir = directory / f"{STEP_PREFIX}{snapshot['progress']['step']:08d}"
     error = None
     try:
         _write_states(step_dir / f"rank-{comm.rank}", snapshot["states"])
     except Exception as err:  # e.g. a full disk: every rank stops with it
+        error = StorageError(f"cannot write the checkpoint {step_dir}: {err}") if isinstance(err, OSError) else err
+    comm.agree(error)
+    try:  # rank 0 alone marks the step; the others wait in the agreement below, not in the next step's
+        if comm.is_main:
+            _mark_complete(directory, step_dir, snapshot, comm.world, job)
+    except Exception as err:
         error = err
     comm.agree(error)
-    if comm.is_main:
-        if not (directory / "zarr.json").is_file():
-            zarr.create_group(store=str(directory), attributes={"format": CKPT_FORMAT})
-        attrs = {
-            "format": CKPT_FORMAT, "version": CKPT_VERSION, "complete": True, "world_size": comm.world,
-            "job": job, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "loop": {k: snapshot[k] for k in LOOP_KEYS},
-        }
-        # the completion mark: the step's zarr v3 group metadata, written last and atomically
-        group_meta = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs})
-        atomic_write(step_dir / "zarr.json", lambda tmp: Path(tmp).write_text(group_meta))
-        _prune(directory, keep=step_dir)
     return step_dir
+
+
+def _mark_complete(directory: Path, step_dir: Path, snapshot: dict[str, Any], world: int, job: dict[str, Any]) -> None:
+    """Rank 0, once every rank's PCAs are written: the step's metadata (the completion mark), then pruning."""
+    import zarr
+
+    if not (directory / "zarr.json").is_file():
+        zarr.create_group(store=str(directory), attributes={"format": CKPT_FORMAT})
+    attrs = {
+        "format": CKPT_FORMAT, "version": CKPT_VERSION, "complete": True, "world_size": world,
+        "job": job, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loop": {k: snapshot[k] for k in LOOP_KEYS},
+    }
+    # the completion mark: the step's zarr v3 group metadata, written last and atomically
+    group_meta = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs})
+    atomic_write(step_dir / "zarr.json", lambda tmp: Path(tmp).write_text(group_meta))
+    _prune(directory, keep=step_dir)
 
 
 def _prune(directory: Path, keep: Path) -> None:
@@ -167,7 +176,13 @@ def resume(directory: str | Path, run: Any, comm: Any, job: dict[str, Any], rest
     """Restore `run` (on every rank) from the newest complete checkpoint in `directory`; its step, or None when
     starting fresh. A checkpoint of another job or world size raises ConfigError unless `restart` discards it."""
     directory = Path(directory)
-    verdict = _decide(directory, job, comm.world, restart) if comm.is_main else None
+    verdict = None
+    if comm.is_main:
+        try:
+            verdict = _decide(directory, job, comm.world, restart)
+        except Exception as err:  # a malformed mark: refused on every rank, not raised on rank 0 alone
+            verdict = ("refuse", f"the checkpoint {directory} is malformed ({err!r}); rerun with --restart to "
+                                 "discard it and start fresh")
     verdict = comm.broadcast(verdict)
     if verdict[0] == "refuse":
         raise ConfigError(verdict[1])
@@ -179,13 +194,12 @@ def resume(directory: str | Path, run: Any, comm: Any, job: dict[str, Any], rest
     step_dir, loop = Path(verdict[1]), verdict[2]
     if comm.is_main:  # steps of the killed run past this one (incomplete) must not meet the new ones
         _prune(directory, keep=step_dir)
-    error, states = None, {}
+    error = None
     try:
-        states = _read_states(step_dir / f"rank-{comm.rank}")
+        run.restore(dict(loop, states=_read_states(step_dir / f"rank-{comm.rank}")))
     except Exception as err:
-        error = ConfigError(f"the checkpoint {step_dir} cannot be read ({err}); rerun with --restart to discard it")
+        error = ConfigError(f"the checkpoint {step_dir} cannot be read ({err!r}); rerun with --restart to discard it")
     comm.agree(error)
-    run.restore(dict(loop, states=states))
     log.info("resuming from %s at batch %d", directory, run.progress.step)
     return run.progress.step
 

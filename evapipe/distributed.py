@@ -125,22 +125,26 @@ class TorchComm(Comm):
         self.dist.all_gather(gathered, meta)
         counts, codes = torch.stack(gathered).unbind(1)  # each [rank][layer]
         counts, codes = counts.tolist(), codes.tolist()
-        ops, received = [], {}
-        for j, name in enumerate(names):
-            x, dst = tokens[name], owner[name]
-            if dst != self.rank:
-                if counts[self.rank][j] > 0:
-                    ops.append(self.dist.P2POp(self.dist.isend, _sendable(x), dst, tag=j))
-                continue
-            parts = []
-            for src in range(self.world):
-                if src == self.rank:
-                    parts.append(x)
-                elif counts[src][j] > 0:
-                    buf = x.new_empty((counts[src][j], x.shape[1]), dtype=ROUTE_DTYPES[codes[src][j]])
-                    ops.append(self.dist.P2POp(self.dist.irecv, buf, src, tag=j))
-                    parts.append(buf)
-            received[name] = parts
+        ops, received, error = [], {}, None
+        try:  # moving and allocating can fail on one rank (out of memory): agreed before any transfer starts
+            for j, name in enumerate(names):
+                x, dst = tokens[name].to(self.device), owner[name]
+                if dst != self.rank:
+                    if counts[self.rank][j] > 0:
+                        ops.append(self.dist.P2POp(self.dist.isend, _sendable(x), dst, tag=j))
+                    continue
+                parts = []
+                for src in range(self.world):
+                    if src == self.rank:
+                        parts.append(x)
+                    elif counts[src][j] > 0:
+                        buf = x.new_empty((counts[src][j], x.shape[1]), dtype=ROUTE_DTYPES[codes[src][j]])
+                        ops.append(self.dist.P2POp(self.dist.irecv, buf, src, tag=j))
+                        parts.append(buf)
+                received[name] = parts
+        except Exception as err:
+            error = err
+        self.agree(error)
         if ops:
             for req in self.dist.batch_isend_irecv(ops):
                 req.wait()

@@ -22,7 +22,7 @@ from torch import nn
 from . import ipca
 from .budget import distribute_ranks, layer_r, pattern_value, scaled_alpha
 from .capture import Capture, TokenSelector, shared_input_groups
-from .config import EvaSettings
+from .config import EvaSettings, check_stopping
 from .distributed import Comm, assign_owners, init_comm
 from .errors import ConfigError, ConvergenceError, DataError
 from .state import FORMAT, FORMAT_VERSION, EvaState
@@ -126,6 +126,7 @@ class EvaRun:
         prepare_model_inputs_fn: Callable | None = None,
         prepare_layer_inputs_fn: Callable | Mapping[str, Callable] | None = None,
     ):
+        check_stopping(settings)
         self.model, self.settings = model, settings
         self.comm = comm if comm is not None else init_comm(_device_of(model))  # the launcher's group, if any
         self.forward_fn = forward_fn or default_forward
@@ -222,6 +223,7 @@ class EvaRun:
                     self.capture.plan(undone, also=refine)
                     updating = undone | (refine & self.capture.active)
                 tokens = self._forward(batch, first)
+                self._check_tokens(tokens)
                 if first and self.comm.is_main:
                     layout = self._first_layout()
             except Exception as err:  # surfaced on every rank by the agreement below
@@ -235,7 +237,7 @@ class EvaRun:
         n_local = next((int(v.shape[0]) for v in local.values()), 0)
         self.stats.tokens += n_local
         t0 = time.perf_counter()
-        routed = self.comm.route({o: v.to(self.comm.device) for o, v in local.items()}, self.owner_rank)
+        routed = self.comm.route(local, self.owner_rank)  # moves them to the collective device; failures agreed
         self.stats.comm_s += time.perf_counter() - t0
         try:
             t0 = time.perf_counter()
@@ -247,6 +249,50 @@ class EvaRun:
             error = err
         self._agree_and_plan(error, n_local)
         p.step += 1
+
+    def _check_tokens(self, tokens: Mapping[str, torch.Tensor]) -> None:
+        """Refuse layer inputs that would break routing or poison a PCA: before the step's agreement, so every rank
+        stops together. Finiteness is one flag per layer computed on the device and read once."""
+        for n, x in tokens.items():
+            if x.ndim != 2 or x.shape[1] != self.width[n]:
+                raise DataError(f"the input of layer {n} came out as {tuple(x.shape)}, not (tokens, {self.width[n]}); "
+                                "check hooks.prepare_layer_inputs_fn")
+        names = [n for n, x in tokens.items() if x.numel() and x.is_floating_point()]
+        if not names:
+            return
+        finite = torch.stack([torch.isfinite(tokens[n]).all() for n in names]).tolist()
+        bad = [n for n, ok in zip(names, finite) if not ok]
+        if bad:
+            dtype = str(tokens[bad[0]].dtype).removeprefix("torch.")
+            raise DataError(
+                f"non-finite values (NaN/Inf) in the inputs of {len(bad)} layer(s) at batch {self.progress.step} "
+                f"({dtype}): {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. The model overflows in {dtype}: "
+                "load it with model.dtype: bfloat16 or float32 (or fix the hook that produces these inputs)"
+            )
+
+    def starved(self) -> list[str]:
+        """Layers whose PCA has received no token at all so far (agreed: every rank sees the same ratios)."""
+        return [n for g in self.progress.groups or [] if g[0] not in self.ratios for n in g]
+
+    def _check_fed(self, batches: int) -> None:
+        """After a full pass over the data (or at the end), a layer that never received a token is a clear error:
+        waiting longer cannot help, and its PCA would have nothing to report."""
+        starved = self.starved()
+        if not starved:
+            return
+        s = self.settings
+        if len(starved) == len(self.names):
+            raise DataError(
+                f"no token reached any target layer in {batches} batches: every token was masked out. With "
+                f"eva.use_label_mask only tokens whose label is not {s.label_mask_value} count, and prompts of "
+                "data.max_length tokens or more leave no completion token. Raise data.max_length, or set "
+                "eva.use_label_mask: false"
+            )
+        raise DataError(
+            f"{len(starved)} target layer(s) received no token in {batches} batches while the others did: "
+            f"{', '.join(starved[:6])}{' ...' if len(starved) > 6 else ''}. Check hooks.prepare_layer_inputs_fn and "
+            "the label mask, or leave them out with eva.exclude_modules"
+        )
 
     def _first_layout(self) -> tuple[list[list[str]], list[str]]:
         """Shared-input groups and execution order, from this rank's first forward pass."""
@@ -296,10 +342,16 @@ class EvaRun:
                 self.done_at[o] = need
 
     # -- driving --------------------------------------------------------------------------------------------
-    def run(self, batches: Iterable[Any], show_progress: bool = True, on_step: Callable[["EvaRun"], None] | None = None) -> None:
-        """Step until every PCA is done or eva.max_batches; `batches` yields this rank's share (None if empty)."""
+    def run(self, batches: Iterable[Any], show_progress: bool = True, on_step: Callable[["EvaRun"], None] | None = None,
+            pass_steps: int | None = None) -> None:
+        """Step until every PCA is done or eva.max_batches; `batches` yields this rank's share (None if empty).
+
+        `pass_steps` (rank 0's value counts) is the length of one pass over the data: a layer that has received no
+        token after it is an error instead of an endless loop.
+        """
         from tqdm.auto import tqdm
 
+        pass_steps = self.comm.broadcast(pass_steps)
         max_batches = self.settings.max_batches
         bar = tqdm(total=max_batches, disable=not (show_progress and self.comm.is_main), desc="EVA", unit="batch",
                    initial=self.progress.step)
@@ -317,6 +369,8 @@ class EvaRun:
                 bar.update(1)
                 n_done = sum(len(g) for g in self.progress.groups if self.done[g[0]])
                 bar.set_postfix_str(f"{n_done}/{len(self.names)} layers converged")
+                if pass_steps and self.progress.step >= pass_steps:
+                    self._check_fed(self.progress.step)
                 if on_step is not None:
                     on_step(self)
                 if all(self.done.values()):
@@ -354,6 +408,7 @@ class EvaRun:
 
     def result(self, extra_meta: Mapping[str, Any] | None = None) -> EvaState | None:
         """The state on rank 0 (None elsewhere); raises ConvergenceError per eva.on_unconverged."""
+        self._check_fed(self.progress.step)
         missing = self.unconverged()
         if missing:
             msg = f"{len(missing)} layer(s) had not converged after {self.progress.step} batches: {', '.join(missing[:8])}"
@@ -455,6 +510,14 @@ def _state_to(s: ipca.PCAState, device: torch.device | str) -> ipca.PCAState:
     return replace(s, **(moved | {"history": list(s.history)}))
 
 
+def _length(dataloader: Iterable[Any]) -> int | None:
+    """Batches in one pass over a dataloader, when it knows (an iterable dataset may not)."""
+    try:
+        return len(dataloader)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):
+        return None
+
+
 def _device_of(model: nn.Module) -> torch.device:
     from .models import model_device
 
@@ -491,7 +554,7 @@ def compute_eva_state(
     try:
         run = EvaRun(model, settings, comm, forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn)
         with torch.no_grad():
-            run.run(cycle_batches(dataloader), show_progress=show_progress)
+            run.run(cycle_batches(dataloader), show_progress=show_progress, pass_steps=_length(dataloader))
         extra = {"model": model_info(model), "dataset": {"id": None, "split": None, "fingerprint": None}}
         extra.update(metadata or {})
         return run.result(extra)
