@@ -310,7 +310,13 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaState, overwrite: bool = False) -> Path:
     """Write the standard PEFT adapter directory (+ evapipe.json provenance) atomically: into a temporary
-    sibling folder first, which then replaces `output`, so a crash never leaves a half-written adapter."""
+    sibling folder first, which then replaces `output`, so a crash never leaves a half-written adapter.
+
+    Over an existing adapter (`overwrite`), only the files the new adapter writes are replaced: everything else in
+    the folder (training logs, checkpoints) is carried into the new folder (hard links, no copy) before the swap.
+    The old folder waits under a name of its own until the swap is done, so concurrent applies never remove each
+    other's.
+    """
     output = Path(output)
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -325,15 +331,27 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
         provenance = {k: meta[k] for k in PROVENANCE_KEYS if k in meta} | {"ranks": state.ranks}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
         if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(output, old)
+            _carry_other_files(output, tmp)
+            old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
+            os.replace(output, old)  # onto its own empty folder
         os.replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return output
+
+
+def _carry_other_files(old: Path, new: Path) -> None:
+    """Hard-link into `new` every entry of `old` that `new` does not have (what is not the adapter's own)."""
+    for item in old.iterdir():
+        target = new / item.name
+        if target.exists() or target.is_symlink():
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, target, symlinks=True, copy_function=os.link)
+        else:
+            os.link(item, target, follow_symlinks=False)
 
 
 def apply_to_directory(

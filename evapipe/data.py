@@ -138,14 +138,14 @@ def drop_null_rows(ds: Any, columns: list[str], where: str = "data") -> tuple[An
 def dataset_fingerprint(ds: Any, columns: list[str]) -> str:
     """Content hash of the columns used, so the same data under another path or clone hashes the same.
 
-    Streamed over fixed-size row blocks, each written as one arrow IPC record batch: the same rows give the same
-    bytes whatever the storage's chunking, and memory stays at one block, however large the dataset.
+    Streamed over fixed-size row blocks, each copied and written as one arrow IPC record batch: the same rows give
+    the same bytes whatever the storage's chunking, and memory stays at one block, however large the dataset.
     """
     import pyarrow as pa
 
     h = hashlib.sha256()
     for table in _arrow_batches(ds, columns):
-        table = table.combine_chunks()
+        table = table.take(pa.array(range(table.num_rows)))  # a fresh copy: no slice offsets in the bytes
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)

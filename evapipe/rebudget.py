@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .budget import distribute_ranks, state_patterns
 from .errors import ConfigError, StateError
-from .state import EvaState, load_state
+from .state import EvaState, load_state, refuse_existing
 
 
 def shared_groups(meta: dict) -> list[list[str]]:
@@ -78,10 +78,13 @@ def rebudget(state: EvaState, r: int, rho: float | None = None) -> EvaState:
     return EvaState(tensors, new_meta, dict(state.spectrum))
 
 
-def rebudget_file(state_path: str | Path, output: str | Path, r: int, rho: float | None = None) -> EvaState:
-    """`evapipe rebudget`: load a state with its spectrum, re-budget it and write the result to `output`."""
+def rebudget_file(state_path: str | Path, output: str | Path, r: int, rho: float | None = None,
+                  overwrite: bool = False) -> EvaState:
+    """`evapipe rebudget`: load a state with its spectrum, re-budget it and write the result to `output` (an
+    existing file only with `overwrite`)."""
     if Path(output).resolve() == Path(state_path).resolve():
         raise ConfigError("--output must differ from --state (the original keeps the spectrum's provenance)")
+    refuse_existing(output, overwrite)
     new = rebudget(load_state(state_path), r, rho)
     new.save(output)
     return new

@@ -49,6 +49,7 @@ REQUIRED_KEYS = (
 )
 MAX_HEADER = 100_000_000
 CHECKSUM_KEY = "checksum"  # {"metadata": sha256 of the other raw entries, "tensors": sha256 of names, shapes, bytes}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -229,6 +230,12 @@ def spectrum_path(path: str | Path) -> Path:
     return path.with_name(path.name.removesuffix(".safetensors") + ".spectrum.safetensors")
 
 
+def refuse_existing(path: str | Path, overwrite: bool) -> None:
+    """Never replace a file silently: an existing output needs --overwrite (overwrite=True)."""
+    if Path(path).exists() and not overwrite:
+        raise StateError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+
+
 def pending_spectrum_path(path: str | Path, spectrum_id: str) -> Path:
     """Where a new sidecar waits until its state is in place (see EvaState.save)."""
     side = spectrum_path(path)
@@ -339,7 +346,8 @@ def _check_layout(header: dict[str, Any], data_size: int) -> None:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Parsed metadata of a state file, checked and migrated to this version, without reading its tensors."""
     path = Path(path)
-    raw = read_header(path).get("__metadata__") or {}
+    header = read_header(path)
+    raw = header.get("__metadata__") or {}
     if raw.get("format") != FORMAT:
         raise StateError(f"{path} is a safetensors file but not an evapipe EVA state (format={raw.get('format')!r})")
     _checksums(raw, path)
@@ -349,7 +357,23 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise StateError(f"{path}: metadata is corrupt ({err})") from None
     meta = migrate(meta, path)
     check_layers(meta, path)
+    _check_tensor_entries(header, meta, path)
     return meta
+
+
+def _check_tensor_entries(header: Mapping[str, Any], meta: Mapping[str, Any], path: str | Path) -> None:
+    """The tensors the header lists are the metadata's: one float (rank, in_features) per layer of rank > 0."""
+    ranks, width = meta["ranks"], meta["in_features"]
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if name not in ranks or entry["shape"] != [ranks[name], width[name]] or entry["dtype"] not in FLOAT_DTYPES:
+            want = f"float ({ranks[name]}, {width[name]})" if name in ranks else "no tensor (not a layer of ranks)"
+            raise StateError(f"{path}: tensor {name} {entry['dtype']} {tuple(entry['shape'])} disagrees with the "
+                             f"metadata's ranks / in_features ({want})")
+    missing = [n for n, k in ranks.items() if k > 0 and n not in header]
+    if missing:
+        raise StateError(f"{path}: layers {', '.join(missing[:3])} have rank > 0 but no tensor")
 
 
 def check_layers(meta: Mapping[str, Any], path: str | Path = "state") -> None:
@@ -420,17 +444,7 @@ def load_state(path: str | Path, with_spectrum: bool = True) -> EvaState:
     path = Path(path)
     meta = read_metadata(path)
     raw = read_header(path)["__metadata__"]
-    tensors = _load_tensors(path, _checksums(raw, path))
-    ranks, width = meta["ranks"], meta["in_features"]
-    for name, t in tensors.items():
-        if name not in ranks or t.ndim != 2 or t.shape[0] != ranks[name]:
-            raise StateError(f"{path}: tensor {name} {tuple(t.shape)} disagrees with the metadata's ranks")
-        if t.shape[1] != width[name] or not t.is_floating_point():
-            raise StateError(f"{path}: tensor {name} {tuple(t.shape)} {t.dtype} is not float ({ranks[name]}, "
-                             f"{width[name]}) as the metadata's in_features says")
-    missing = [n for n, k in ranks.items() if k > 0 and n not in tensors]
-    if missing:
-        raise StateError(f"{path}: layers {', '.join(missing[:3])} have rank > 0 but no tensor")
+    tensors = _load_tensors(path, _checksums(raw, path))  # shapes and dtypes: checked on the header already
     check_finite(tensors, path)
     spectrum = _load_spectrum(path, meta.get("spectrum_id")) if with_spectrum else {}
     return EvaState(tensors, meta, spectrum)
