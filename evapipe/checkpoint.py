@@ -23,8 +23,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, StorageError
-from .state import atomic_write
+from .errors import ConfigError
+from .state import atomic_write, writing
 
 log = logging.getLogger("evapipe")
 
@@ -110,13 +110,15 @@ def save(directory: str | Path, snapshot: dict[str, Any], comm: Any, job: dict[s
     step_dir = directory / f"{STEP_PREFIX}{snapshot['progress']['step']:08d}"
     error = None
     try:
-        _write_states(step_dir / f"rank-{comm.rank}", snapshot["states"])
+        with writing(step_dir):
+            _write_states(step_dir / f"rank-{comm.rank}", snapshot["states"])
     except Exception as err:  # e.g. a full disk: every rank stops with it
-        error = StorageError(f"cannot write the checkpoint {step_dir}: {err}") if isinstance(err, OSError) else err
+        error = err
     comm.agree(error)
     try:  # rank 0 alone marks the step; the others wait in the agreement below, not in the next step's
         if comm.is_main:
-            _mark_complete(directory, step_dir, snapshot, comm.world, job)
+            with writing(step_dir / "zarr.json"):
+                _mark_complete(directory, step_dir, snapshot, comm.world, job)
     except Exception as err:
         error = err
     comm.agree(error)

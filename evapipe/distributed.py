@@ -185,6 +185,22 @@ def local_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def attempt_store(timeout: datetime.timedelta) -> Any:
+    """Under torchrun's elastic agent: the agent's store, with keys of their own for this attempt; else None.
+
+    The agent's store outlives a restart (`--max-restarts`) and still holds the previous attempt's addresses, which
+    a restarted rank can read before its peers overwrite them, and then fail to connect (seen with gloo here, and
+    pytorch/pytorch#167288 with NCCL). A key prefix per restart count keeps the attempts apart.
+    """
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"evapipe/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_comm(device: torch.device, timeout_s: float = 600.0, backend: str = "auto") -> Comm:
     """Join the process group that torchrun / accelerate launch describe in the environment, if any.
 
@@ -199,7 +215,11 @@ def init_comm(device: torch.device, timeout_s: float = 600.0, backend: str = "au
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         extra = {"device_id": device} if backend == "nccl" and device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **extra)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = attempt_store(timeout)
+        if store is not None:
+            extra.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        dist.init_process_group(backend=backend, timeout=timeout, **extra)
     if dist.get_world_size() == 1:
         return Comm(device)
     return TorchComm(device)

@@ -11,6 +11,8 @@ Format versions (`format_version`; the loader reads every one evapipe has shippe
   2  adds `store_key` (the store key of the job that computed it, or null), `layer_alpha` (each layer's alpha
      before rank scaling, so re-budgeting gives every layer its own alpha back) and `spectrum_id`; `layer_r` is
      always present.
+  3  adds `checksum`: sha256 of the other metadata entries and of the tensors (the sidecar carries its tensors'
+     one), required from this version on, so a changed byte is an error, never a different state.
 Reading metadata needs neither torch nor the tensors, so `evapipe show/list` and cache lookups stay fast.
 """
 
@@ -39,7 +41,8 @@ log = logging.getLogger("evapipe")
 
 FORMAT = "evapipe.eva"
 SPECTRUM_FORMAT = FORMAT + ".spectrum"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+SEALED_SINCE = 3  # format_version from which the checksum is required
 TEXT_KEYS = ("format", "task", "created")  # every other metadata value is JSON
 PEFT_PREFIX = "base_model.model."
 # what every state has once migrated to FORMAT_VERSION (readers such as report and rebudget rely on these)
@@ -70,7 +73,12 @@ def _v1_to_v2(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 # format_version -> function upgrading that version's parsed metadata to the next version
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+def _v2_to_v3(meta: dict[str, Any]) -> dict[str, Any]:
+    """v2 is v3 without the checksum (which is checked on the raw file, never carried in parsed metadata)."""
+    return {**meta, "format_version": 3}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 LAYER_KEYED = ("ranks", "in_features", "layer_r", "layer_alpha", "max_components", "rank_pattern", "alpha_pattern",
@@ -206,9 +214,11 @@ def sealed_metadata(raw: dict[str, str], tensors: Mapping[str, torch.Tensor]) ->
 
 
 def _checksums(raw: Mapping[str, str], path: Path) -> dict[str, str] | None:
-    """The recorded checksums (None for files written before evapipe sealed them); the metadata one checked."""
+    """The recorded checksums, the metadata one checked (None for the versions before SEALED_SINCE)."""
     if CHECKSUM_KEY not in raw:
-        return None
+        if raw.get("format_version") in [str(v) for v in range(1, SEALED_SINCE)]:
+            return None
+        raise StateError(f"{path}: metadata lacks its checksum (the file was modified or is corrupt)")
     try:
         sums = json.loads(raw[CHECKSUM_KEY])
         ok = isinstance(sums, dict) and sums.get("metadata") == _metadata_digest(raw)
@@ -291,7 +301,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(write_temp(path, write), path)
+        tmp = write_temp(path, write)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     return path
 
 
@@ -350,12 +365,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     raw = header.get("__metadata__") or {}
     if raw.get("format") != FORMAT:
         raise StateError(f"{path} is a safetensors file but not an evapipe EVA state (format={raw.get('format')!r})")
-    _checksums(raw, path)
     try:
         meta = {k: (v if k in TEXT_KEYS else json.loads(v)) for k, v in raw.items() if k != CHECKSUM_KEY}
     except (ValueError, RecursionError) as err:
         raise StateError(f"{path}: metadata is corrupt ({err})") from None
-    meta = migrate(meta, path)
+    meta = migrate(meta, path)  # refuses newer and unknown versions first, naming them
+    _checksums(raw, path)
     check_layers(meta, path)
     _check_tensor_entries(header, meta, path)
     return meta
