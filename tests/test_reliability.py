@@ -403,18 +403,20 @@ def max_subspace_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_large_mean_against_the_spread_keeps_the_components():
+    """Inputs around 1e4 with a spread of 0.1: against the exact PCA of the same float32 inputs, the components are
+    off by about 1e-8 (1 - |cos|) when centred first, about 1e-5 with raw float32 products (the code before)."""
     from evapipe import ipca
 
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(96, 4, generator=g, dtype=torch.float64))[0].T
-    scales = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
-    batches = [(torch.randn(200, 4, generator=g, dtype=torch.float64) * scales) @ basis
-               + 0.01 * torch.randn(200, 96, generator=g, dtype=torch.float64) + 3e4 for _ in range(6)]
+    scales = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    batches = [((torch.randn(200, 4, generator=g, dtype=torch.float64) * scales) @ basis
+                + 0.001 * torch.randn(200, 96, generator=g, dtype=torch.float64) + 1e4).float() for _ in range(6)]
     state = ipca.new_state(96, 4, None, seed=0)
     for b in batches:
-        ipca.update_many([state], [b.float()])
+        ipca.update_many([state], [b])
     ref = exact_components(torch.cat(batches), 4)
-    assert max_subspace_error(state.top(4), ref) < 1e-3  # before the fix: float32 products of 3e4-sized values
+    assert max_subspace_error(state.top(4), ref) < 1e-6
 
 
 def test_rank_deficient_batches_stay_on_the_bounded_path(monkeypatch):
