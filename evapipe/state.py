@@ -331,6 +331,11 @@ def read_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
+def _counts(v: Any) -> bool:
+    """A JSON list of non-negative integers (a shape, or offsets)."""
+    return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+
+
 def _check_layout(header: dict[str, Any], data_size: int) -> None:
     """Metadata is {str: str}; every tensor has a known dtype, a shape and offsets that tile the data exactly."""
     meta = header.get("__metadata__", {})
@@ -343,8 +348,7 @@ def _check_layout(header: dict[str, Any], data_size: int) -> None:
         if not isinstance(entry, dict) or entry.get("dtype") not in DTYPE_SIZES:
             raise ValueError(f"tensor {name!r} has no known dtype")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        ints = lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
-        if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        if not _counts(shape) or not _counts(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
             raise ValueError(f"tensor {name!r} has a malformed shape or offsets")
         if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_SIZES[entry["dtype"]]:
             raise ValueError(f"tensor {name!r}: offsets do not match its shape")
