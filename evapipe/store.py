@@ -24,7 +24,7 @@ from typing import Any
 
 from .config import DataConfig, JobConfig, ModelConfig
 from .errors import ConfigError, StateError
-from .sources import VOLATILE_CONFIG_KEYS, data_files, resolve_data_path, resolve_model_path, visible_files
+from .sources import VOLATILE_CONFIG_KEYS, data_files, files_under, resolve_data_path, resolve_model_path
 from .state import FORMAT, read_header, read_metadata, spectrum_path
 
 log = logging.getLogger("evapipe")
@@ -51,7 +51,7 @@ def _file_sha(path: Path, h: Any | None = None) -> Any:
 def model_folder_digest(folder: Path) -> str:
     """config.json without its load/save-only keys, small files by content, large (weights) by size and mtime."""
     entries = []
-    for f in visible_files(folder):
+    for f in files_under(folder):
         rel = f.relative_to(folder).as_posix()
         if rel == "config.json":
             try:

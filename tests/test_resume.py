@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,8 @@ import torch
 from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_state, run_job
 from evapipe.checkpoint import checkpoint_dir, latest
-from evapipe.engine import default_forward
 from evapipe.errors import ConfigError
+from evapipe.forward import default_forward
 
 
 def slow_forward(model, inputs):
@@ -137,6 +136,7 @@ def test_pca_states_round_trip_exactly_and_a_stale_step_is_replaced(tmp_path):
     from evapipe import checkpoint
     from evapipe.distributed import Comm
     from evapipe.ipca import PCAState, new_state, update_many
+    from evapipe.planning import Layout, Verdict
 
     g = torch.Generator().manual_seed(0)
     fitted = new_state(16, 4, None, seed=3)
@@ -145,8 +145,8 @@ def test_pca_states_round_trip_exactly_and_a_stale_step_is_replaced(tmp_path):
     scalar = PCAState(4, 2, 2, 5, mean=torch.zeros(4, dtype=torch.float64), var=torch.tensor(2.5, dtype=torch.float64),
                       n_seen=3, history=[0.5])  # 0-d tensors (a summed variance) too
     states = {"a.q": fitted, "b.v": new_state(8, 2, 1, seed=4), "c.o": scalar}  # b.v never fitted: None tensors
-    snapshot = {"progress": {"step": 6, "tokens": 80, "groups": [["a.q"], ["b.v"]], "order": [], "ranks": {}},
-                "done": {"a.q": False, "b.v": False}, "done_at": {}, "ratios": {}, "similar": {}, "states": states}
+    snapshot = checkpoint.Snapshot(6, 80, Layout.of([["a.q"], ["b.v"]]), {}, Verdict({"a.q": False, "b.v": False}),
+                                   {}, {}, states)
     stale = tmp_path / "c.zarr" / "step-00000006"
     stale.mkdir(parents=True)
     (stale / "zarr.json").write_text("{torn")

@@ -1,0 +1,278 @@
+"""The compute job: config -> model + data -> EVA loop -> state file, on one process or many.
+
+Launched by `python -m evapipe.compute` / `evapipe compute` (see compute.py), on every rank. Imports of torch,
+transformers and the engine happen inside `run_job`, after the store lookup, so that a cache hit answers without
+them (about a second instead of several).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import JobConfig
+from .errors import ConfigError, DistributedError, EvapipeError
+from .joblock import POLL_S
+
+if TYPE_CHECKING:
+    import torch
+
+    from .distributed import Comm
+    from .engine import EvaRun, RankStats
+    from .state import EvaState
+
+log = logging.getLogger("evapipe")
+
+
+@dataclass
+class JobResult:
+    path: Path | None
+    state: EvaState | None  # on rank 0, None elsewhere (and on a cache hit)
+    seconds: float
+    rank_stats: list[RankStats]
+    cached: bool = False
+
+
+def import_callable(spec: str | None, key: str) -> Any:
+    """`package.module:function` -> the function, for hooks named in a config."""
+    if spec is None:
+        return None
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"`{key}` must look like `package.module:function`, got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"`{key}`: cannot import {spec!r} ({err})") from None
+    if not callable(fn):
+        raise ConfigError(f"`{key}`: {spec!r} is not callable")
+    return fn
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, warnings and errors only (no loading progress bars) on the others."""
+    logging.basicConfig(format="%(asctime)s evapipe: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    if rank != 0:  # read when transformers / datasets are imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def output_paths(cfg: JobConfig, key: str) -> list[Path]:
+    """Where the state goes: the store entry (when output.store is set) first, then output.path."""
+    from .store import STATE_FILE, state_dir
+
+    paths = [state_dir(cfg.output.store, cfg, key) / STATE_FILE] if cfg.output.store else []
+    if cfg.output.path and Path(cfg.output.path).resolve() not in [p.resolve() for p in paths]:
+        paths.append(Path(cfg.output.path))
+    return paths
+
+
+def cached_result(key: str, paths: list[Path], start: float) -> JobResult | None:
+    """A store hit for this job (copied to output.path too), or None. Reads file headers only: no torch import."""
+    import shutil
+
+    from .state import atomic_write, read_metadata, spectrum_path
+    from .store import lookup
+
+    hit = lookup(paths[0], key)
+    if hit is None:
+        return None
+    meta = read_metadata(hit)
+    log.info("cache hit: %s already holds this job's state (task %s, model %s, r=%s, rho=%s, computed %s); "
+             "no forward pass. --force recomputes it.", hit, meta["task"], (meta.get("model") or {}).get("id"),
+             meta["r"], meta.get("rho"), meta.get("created"))
+    for extra in paths[1:]:
+        for src, dst in ((spectrum_path(hit), spectrum_path(extra)), (hit, extra)):
+            if src.is_file():
+                atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        log.info("copied it to %s", extra)
+    return JobResult(hit, None, time.perf_counter() - start, [], cached=True)
+
+
+@dataclass
+class Plan:
+    """What rank 0 decided before the work, and every rank follows: the job's key, where the state goes, whether
+    it is a cache hit. Node-local copies of a model can hash differently on other ranks, so only rank 0's counts."""
+
+    job: dict[str, Any]
+    paths: list[Path]
+    cached: JobResult | None = None
+
+
+def plan_job(cfg: JobConfig, force: bool, start: float, waiting: Callable[[], None] = lambda: None) -> tuple[Plan, Any]:
+    """Rank 0's plan, and the store entry's lock it now holds (None without a store): the lock is taken before the
+    cache lookup, so a second run of a job still computing waits for it and then takes its state."""
+    from .joblock import acquire
+    from .store import job_identity, lock_path
+
+    job = job_identity(cfg)
+    paths = output_paths(cfg, job["key"])
+    if not cfg.output.store:
+        return Plan(job, paths), None
+    lock = acquire(lock_path(cfg.output.store, cfg, job["key"]), f"store key {job['key']}", waiting,
+                   min(POLL_S, cfg.distributed.timeout_s / 4))
+    try:
+        return Plan(job, paths, None if force else cached_result(job["key"], paths, start)), lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def agreed_plan(cfg: JobConfig, comm: Comm, force: bool, start: float) -> tuple[Plan, Any]:
+    """plan_job on rank 0, broadcast to every rank; while rank 0 waits for the store lock it broadcasts "wait"
+    every few seconds, so the others never sit in one collective for longer than distributed.timeout_s."""
+    if not comm.is_main:
+        while True:
+            message = comm.broadcast(None)
+            if message[0] == "error":
+                raise message[1]
+            if message[0] == "plan":
+                return message[1], None
+    try:
+        plan, lock = plan_job(cfg, force, start, waiting=lambda: comm.broadcast(("wait",)))
+    except Exception as err:
+        comm.broadcast(("error", err if isinstance(err, EvapipeError) else DistributedError(f"rank 0: {err}")))
+        raise
+    comm.broadcast(("plan", plan))
+    return plan, lock
+
+
+def run_job(cfg: JobConfig, show_progress: bool = True, force: bool = False, restart: bool = False) -> JobResult:
+    """Run a validated job config; rank 0 writes the state file and returns it.
+
+    With output.store, a state already stored for the same job is returned at once (JobResult.cached, .state None:
+    load_state(result.path)) unless `force`; a job with the same key running elsewhere is waited for first. A
+    checkpoint beside the output (output.checkpoint_every) is resumed from; one of another config or world size is
+    refused unless `restart` discards it.
+    """
+    from .store import world_size
+
+    start = time.perf_counter()
+    setup_logging(int(os.environ.get("RANK", "0")))  # the launcher's rank: the process group's, before it exists
+    lock, comm = None, None
+    try:
+        if world_size() == 1:  # one process: a cache hit answers without importing torch
+            plan, lock = plan_job(cfg, force, start)
+            if plan.cached is not None:
+                return plan.cached
+            comm = _join(cfg)
+        else:
+            comm = _join(cfg)
+            plan, lock = agreed_plan(cfg, comm, force, start)
+            if plan.cached is not None:
+                return plan.cached
+        from .distributed import local_device
+
+        return _compute(cfg, comm, local_device(cfg.model.device), plan.job, plan.paths, show_progress, restart, start)
+    finally:
+        if lock is not None:
+            lock.release()
+        if comm is not None:
+            comm.close()
+
+
+def _join(cfg: JobConfig) -> Comm:
+    from .distributed import init_comm, local_device
+
+    comm = init_comm(local_device(cfg.model.device), cfg.distributed.timeout_s, cfg.distributed.backend)
+    setup_logging(comm.rank)
+    return comm
+
+
+@dataclass
+class _Loaded:
+    """What a job computes on: the run around the model, the rows, and how they become batches."""
+
+    run: EvaRun
+    rows: Any  # a datasets.Dataset
+    collate: Any  # rows -> a batch (data.make_collator)
+    kind: str
+    skipped: int  # rows left out because a used column was null
+    fingerprint: str | None  # of the data's used columns: on rank 0, taken before the work
+
+
+def _load(cfg: JobConfig, comm: Comm, device: torch.device) -> _Loaded:
+    from .data import data_columns, dataset_fingerprint, load_task_data, make_collator
+    from .engine import EvaRun
+    from .models import load_model, load_processor
+
+    hooks = cfg.hooks
+    forward_fn = import_callable(hooks.forward_fn, "hooks.forward_fn")
+    model_fn = import_callable(hooks.prepare_model_inputs_fn, "hooks.prepare_model_inputs_fn")
+    layer_fn = import_callable(hooks.prepare_layer_inputs_fn, "hooks.prepare_layer_inputs_fn")
+    log.info("loading %s on %s (world size %d)", cfg.model.name_or_path, device, comm.world)
+    model, kind = load_model(cfg.model, device)
+    processor = load_processor(cfg.model, kind)
+    rows, skipped = load_task_data(cfg.data, kind)
+    # once, before the work, in bounded memory: a failure here costs nothing computed yet
+    fingerprint = dataset_fingerprint(rows, data_columns(cfg.data, kind)) if comm.is_main else None
+    run = EvaRun(model, cfg.eva, comm, forward_fn, model_fn, layer_fn)
+    return _Loaded(run, rows, make_collator(processor, cfg.data, kind), kind, skipped, fingerprint)
+
+
+def _provenance(cfg: JobConfig, job: dict[str, Any], loaded: _Loaded) -> dict[str, Any]:
+    """The metadata a job adds to the engine's: task, store key, where the model and the data came from."""
+    from .models import model_info
+
+    model = model_info(loaded.run.source.model, cfg.model.name_or_path, cfg.model.revision)
+    d = cfg.data
+    return {
+        "task": cfg.task,
+        "store_key": job["key"],
+        "model": model | {"dtype": cfg.model.dtype, "quantization": cfg.model.quantization, "kind": loaded.kind},
+        "dataset": {
+            "id": d.path, "name": d.name, "split": d.split, "samples": len(loaded.rows),
+            "skipped_null_rows": loaded.skipped, "fingerprint": loaded.fingerprint, "max_length": d.max_length,
+        },
+    }
+
+
+def _compute(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[str, Any], paths: list[Path], show_progress: bool,
+             restart: bool, start: float) -> JobResult:
+    import torch
+
+    from . import checkpoint
+    from .data import rank_batches
+    from .distributed import collectively
+    from .report import job_summary
+
+    ckpt = checkpoint.checkpoint_dir(paths[0])
+    with collectively(comm):  # every rank stops with the first rank's error
+        loaded = _load(cfg, comm, device)
+    run = loaded.run
+    log.info("%d samples, %d target layers, rank budget %d", len(loaded.rows), len(run.names), run.budget)
+    snapshot = checkpoint.resume(ckpt, comm, job, restart)
+    with collectively(comm):  # a checkpoint that cannot be restored on one rank stops every rank
+        if snapshot is not None:
+            run.restore(snapshot)
+    batches = (b for _, b in rank_batches(loaded.rows, loaded.collate, cfg.data, comm.world, comm.rank, run.progress.step))
+    every, max_batches = cfg.output.checkpoint_every, cfg.eva.max_batches
+
+    def on_step(r: EvaRun) -> None:
+        step = r.progress.step
+        if every and step % every == 0 and not r.done and (max_batches is None or step < max_batches):
+            checkpoint.save(ckpt, r.snapshot(), comm, job)
+
+    with torch.no_grad():
+        run.run(batches, show_progress=show_progress, on_step=on_step,
+                pass_steps=math.ceil(len(loaded.rows) / (cfg.data.batch_size * comm.world)))
+    state, path = None, None
+    with collectively(comm):  # e.g. rank 0 cannot write: every rank exits non-zero with its message
+        state = run.result(_provenance(cfg, job, loaded))
+        if comm.is_main:
+            for p in reversed(paths):  # the primary output last, so it is never older than a copy
+                path = state.save(p)
+    if comm.is_main:
+        if not cfg.output.keep_checkpoint:
+            checkpoint.remove(ckpt)
+        print(job_summary(state, run.rank_stats, time.perf_counter() - start, path), file=sys.stderr)
+    return JobResult(path, state, time.perf_counter() - start, run.rank_stats)
