@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_distributed import FAIL_WITHIN_S, REPO, compute, torchrun
 
 from conftest import tiny_job, write_config
 from evapipe import load_state
 from evapipe.checkpoint import checkpoint_dir
-from test_distributed import FAIL_WITHIN_S, REPO, compute, torchrun
 
 pytestmark = pytest.mark.slow
 HELPERS = str(REPO / "tests" / "rel_helpers.py")

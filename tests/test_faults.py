@@ -25,13 +25,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_resume import assert_same_state
 
 from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_state, read_metadata, run_job
 from evapipe.cli import main
 from evapipe.errors import EvapipeError
 from evapipe.state import EvaState, spectrum_path
-from test_resume import assert_same_state
 
 SEEDS = range(int(os.environ.get("EVAPIPE_FAULT_SEEDS", "3")))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
