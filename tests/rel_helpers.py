@@ -20,7 +20,7 @@ _calls = 0
 
 
 def die_once_on_rank1(model: Any, inputs: Any) -> Any:
-    from evapipe.engine import default_forward
+    from evapipe.forward import default_forward
 
     global _calls
     _calls += 1
