@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import StateError, StorageError
-from .metadata import FORMAT, LAYER_KEYED, SEALED_SINCE, StateMeta, migrate
+from .metadata import FORMAT, FORMAT_VERSION, LAYER_KEYED, SEALED_SINCE, StateMeta, migrate
 
 if TYPE_CHECKING:
     import torch
@@ -114,7 +114,7 @@ class EvaState:
         path = Path(path)
         check_finite({**self.tensors, **self.spectrum}, path)
         sid = uuid.uuid4().hex[:16] if self.spectrum else None
-        meta = dict(self.meta, spectrum_id=sid)
+        meta = dict(self.meta, spectrum_id=sid, format_version=FORMAT_VERSION)  # always the layout written here
         tensors = _contiguous(self.tensors)
         raw = sealed_metadata({k: (v if k in TEXT_KEYS else json.dumps(v)) for k, v in meta.items()}, tensors)
         pending = None
