@@ -371,6 +371,11 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
 
     evapipe.json records the state it came from and, under `adapter_for`, the model class and PEFT task type it was
     built for (plus `built_for`: how `evapipe apply` loaded it), which `evapipe check` names when a model differs.
+
+    Over an existing adapter (`overwrite`), only the files the new adapter writes are replaced: everything else in
+    the folder (training logs, checkpoints) is carried into the new folder (hard links, no copy) before the swap.
+    The old folder waits under a name of its own until the swap is done, so concurrent applies never remove each
+    other's.
     """
     output = Path(output)
     check_output(output, overwrite)
@@ -388,9 +393,9 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
                                                                           "adapter_for": adapter_for}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
         if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(output, old)
+            _carry_other_files(output, tmp)
+            old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
+            os.replace(output, old)  # onto its own empty folder
         os.replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -412,6 +417,18 @@ def _drop_eva_config(path: Path) -> None:
     if config.get("eva_config", 0) is None:
         del config["eva_config"]
         path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _carry_other_files(old: Path, new: Path) -> None:
+    """Hard-link into `new` every entry of `old` that `new` does not have (what is not the adapter's own)."""
+    for item in old.iterdir():
+        target = new / item.name
+        if target.exists() or target.is_symlink():
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, target, symlinks=True, copy_function=os.link)
+        else:
+            os.link(item, target, follow_symlinks=False)
 
 
 def apply_to_directory(

@@ -208,11 +208,12 @@ def list_command(directory: str | None, as_json: bool) -> None:
 @click.option("--r", "r", required=True, type=int, help="New rank per layer before redistribution.")
 @click.option("--rho", type=float, default=None, help="New redistribution factor (default: the state's).")
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="Where the new state goes.")
-def rebudget_command(state_path: str, r: int, rho: float | None, output: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing file at --output.")
+def rebudget_command(state_path: str, r: int, rho: float | None, output: str, overwrite: bool) -> None:
     """Redistribute a state's ranks for another budget from its stored spectrum, without a forward pass."""
     from .rebudget import rebudget_file
 
-    state = rebudget_file(state_path, output, r, rho)
+    state = rebudget_file(state_path, output, r, rho, overwrite=overwrite)
     ranks = list(state.ranks.values())
     click.echo(f"wrote {output}: r={r} rho={state.meta['rho']:g}, total rank {sum(ranks)} over {len(ranks)} layers "
                f"({sum(1 for k in ranks if k == 0)} at rank 0)")
@@ -232,14 +233,15 @@ def rebudget_command(state_path: str, r: int, rho: float | None, output: str) ->
               help="Reading PEFT: EvaConfig adjust_scaling_factors (default on).")
 @click.option("--task", default=None, help="Reading PEFT: the task name to record.")
 @click.option("--model", default=None, help="Reading PEFT: the base model (hub id or path) to record.")
-def convert_command(src: str, dst: str, no_prefix: bool, **settings) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing file at DST.")
+def convert_command(src: str, dst: str, no_prefix: bool, overwrite: bool, **settings) -> None:
     """Convert between an evapipe state (.safetensors) and a PEFT EVA state dict (torch.save: .pt/.pth/.bin).
 
     The direction follows the file names. PEFT files carry no metadata: give what they lack as options.
     """
     from .convert import convert_file
 
-    state = convert_file(src, dst, prefix=not no_prefix, **settings)
+    state = convert_file(src, dst, prefix=not no_prefix, overwrite=overwrite, **settings)
     click.echo(f"wrote {dst}: {len(state.ranks)} layers, total rank {state.total_rank()}")
 
 

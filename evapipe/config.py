@@ -252,11 +252,12 @@ def _validate(cfg: JobConfig) -> None:
         (o.path is not None or o.store is not None, "output.path", "set output.path or output.store"),
         (o.checkpoint_every is None or o.checkpoint_every >= 1, "output.checkpoint_every", "must be >= 1 or null"),
         (cfg.distributed.timeout_s > 0, "distributed.timeout_s", "must be > 0"),
-        (bool(cfg.task.strip()) and "/" not in cfg.task, "task", "must be a non-empty name without '/'"),
+        (plain_name(cfg.task), "task", f"must be a plain name (no '/', '\\', '..' or leading '.'), got {cfg.task!r}"),
     ]
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"`{key}` {msg}")
+    check_stopping(e)
     if isinstance(e.target_modules, list) and not e.target_modules:
         raise ConfigError("`eva.target_modules` is an empty list")
     regexes = [(e.target_modules, "eva.target_modules"), (e.exclude_modules, "eva.exclude_modules")]
@@ -264,6 +265,20 @@ def _validate(cfg: JobConfig) -> None:
     for pattern, key in regexes:
         if isinstance(pattern, str):
             _check_regex(pattern, key)
+
+
+def plain_name(name: str) -> bool:
+    """A name usable as one folder of the store: never a path that climbs out of it or hides in it."""
+    return bool(name.strip()) and not any(c in name for c in "/\\\0") and ".." not in name and not name.startswith(".")
+
+
+def check_stopping(e: EvaSettings) -> None:
+    """Refuse settings under which the loop can never stop: |cos| >= 1.0 is not reached in float32."""
+    if e.tau >= 1.0 and e.max_batches is None:
+        raise ConfigError(
+            f"`eva.tau` {e.tau} can never be reached (float32 cosines stay below 1), so the job would not stop; "
+            "use a value below 1 (e.g. 0.999), or set eva.max_batches to stop after that many batches"
+        )
 
 
 def _check_regex(pattern: str, key: str) -> None:

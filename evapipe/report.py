@@ -51,6 +51,9 @@ def job_summary(state: Any, rank_stats: Sequence[Any], seconds: float, path: Pat
         f"{sum(1 for r in ranks if r == 0)} layers at LoRA rank 0, without an adapter); {meta['tokens']} tokens in "
         f"{meta['batches']} batches"
     )
+    skipped = (meta.get("dataset") or {}).get("skipped_null_rows")
+    if skipped:
+        out.append(f"{skipped} rows with a null text skipped (see data.text_field / prompt_field / messages_field)")
     for st in rank_stats:
         out.append(
             f"process {st.rank}: {st.tokens} tokens, forward {st.forward_s:.2f}s, SVD {st.svd_s:.2f}s "

@@ -54,8 +54,9 @@ def launch(*args: str, within_s: float = RUN_WITHIN_S) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
-def torchrun(*args: str, within_s: float = RUN_WITHIN_S) -> subprocess.CompletedProcess:
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+def torchrun(*args: str, within_s: float = RUN_WITHIN_S, max_restarts: int = 0) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                "--max-restarts", str(max_restarts)]
     return launch(*launcher, *args, within_s=within_s)
 
 
