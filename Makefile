@@ -8,6 +8,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# the oldest PEFT pyproject.toml declares, installed beside the venv's own (tests/test_peft_compat.py loads adapters with it)
+PEFT_OLDEST := $(shell sed -n 's/.*"peft>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	touch $@
 
-setup: $(VENV)/.installed
+$(VENV)/peft-oldest/.installed: pyproject.toml $(VENV)/.installed
+	rm -rf $(VENV)/peft-oldest
+	$(VENV)/bin/python -m pip install -q --no-deps --target $(VENV)/peft-oldest "peft==$(PEFT_OLDEST).*"
+	touch $@
+
+setup: $(VENV)/.installed $(VENV)/peft-oldest/.installed
 
 demo: setup
 	$(VENV)/bin/python -m evapipe.compute --config configs/default.yaml

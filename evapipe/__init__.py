@@ -6,6 +6,7 @@ Python API (each CLI command wraps one of these):
     load_state(path) / read_metadata(path)                     -> EvaState / dict
     apply_eva_state(model, state)                              -> trainable PeftModel (lora_A = state, lora_B = 0)
     apply_to_directory(state_path, output, model)              -> PEFT adapter directory (`evapipe apply`)
+    check_adapter_dir(adapter_dir, model)                      -> AdapterFit, or why it would not load (`evapipe check`)
     to_peft_state_dict(state)                                  -> dict for PEFT's initialize_lora_eva_weights
     list_states(store_dir)                                     -> StoreEntry list (`evapipe list`)
     rebudget(state, r, rho) / rebudget_file(src, dst, r, rho)  -> EvaState (`evapipe rebudget`)
@@ -23,6 +24,7 @@ _EXPORTS = {
     "compute_eva_state": "compute", "run_job": "job",
     "EvaState": "state", "load_state": "state", "read_metadata": "state",
     "apply_eva_state": "apply", "apply_to_directory": "apply", "to_peft_state_dict": "apply",
+    "check_adapter_dir": "adapter_check",
     "list_states": "store", "rebudget": "rebudget", "rebudget_file": "rebudget", "convert_file": "convert",
 }
 

@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .assemble import state_from_inits
-from .budget import pattern_value
+from .budget import pattern_value, scaled_alpha
 from .config import ModelConfig
 from .distributed import local_device
 from .errors import ConfigError, StateError
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 StateLike = EvaState | str | os.PathLike | Mapping[str, torch.Tensor]
 
+HEAD_CLASSES = ("ForImageClassification", "ForAudioClassification")  # classifiers without a PEFT task type
 PROVENANCE_FILE = "evapipe.json"
 PROVENANCE_KEYS = ("task", "r", "lora_alpha", "rho", "tau", "whiten", "adjust_scaling_factors", "target_modules",
                    "batches", "tokens", "model", "dataset", "versions", "created")
@@ -88,16 +89,31 @@ def state_from_peft(state_dict: Mapping[str, torch.Tensor], lora_config: LoraCon
 def backbone_prefix(model: nn.Module, state: EvaState) -> str:
     """'' when `model` has the state's layer names; else the prefix under which it holds the model the state was
     computed on (`bert.` when a BertModel's state meets a BertForSequenceClassification), if there is one."""
-    modules = dict(model.named_modules())
-    names = list(dict.fromkeys(module_name(n) for n in state.layers))
-    if not names or all(n in modules for n in names):
+    names = list(dict.fromkeys(module_name(n) for n in state.layers))  # an expert lives in its experts module
+    return held_under(dict(model.named_modules()), names) or ""
+
+
+def held_under(modules: Collection[str], names: Sequence[str]) -> str | None:
+    """The prefix under which `modules` holds every one of `names`: '' when it holds them as they are, None when
+    it does not hold them."""
+    if all(n in modules for n in names):
         return ""
     for candidate in modules:
-        if candidate.endswith("." + names[0]):
+        if names and candidate.endswith("." + names[0]):
             prefix = candidate[: -len(names[0])]
             if all(prefix + n in modules for n in names):
                 return prefix
-    return ""
+    return None
+
+
+def dropped_prefix(modules: Collection[str], names: Sequence[str]) -> str | None:
+    """The leading prefix of `names` that `modules` lacks (`bert.` for a classifier's layers in a BertModel)."""
+    parts = names[0].split(".") if names else []
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i]) + "."
+        if all(n.startswith(prefix) and n[len(prefix):] in modules for n in names):
+            return prefix
+    return None
 
 
 def check_state(model: nn.Module, state: EvaState, force: bool = False, prefix: str = "") -> None:
@@ -127,7 +143,7 @@ def check_state(model: nn.Module, state: EvaState, force: bool = False, prefix: 
         more = f" and {len(problems) - MAX_NAMED} more" if len(problems) > MAX_NAMED else ""
         raise StateError(
             f"the state does not fit this {type(model).__name__}: {len(problems)} of {len(state.ranks)} layers "
-            f"mismatch: {'; '.join(problems[:MAX_NAMED])}{more}. Was it computed on another model or model class?"
+            f"mismatch: {'; '.join(problems[:MAX_NAMED])}{more}. {_other_class_hint(modules, state)}"
         )
     src = state.meta.get("model") or {}
     want = src.get("fingerprint")
@@ -139,6 +155,16 @@ def check_state(model: nn.Module, state: EvaState, force: bool = False, prefix: 
                 f"({src.get('class')}, fingerprint {want}); this model is a {type(model).__name__} with fingerprint "
                 f"{have}. Layer names and shapes fit, so --force (force=True) applies it anyway."
             )
+
+
+def _other_class_hint(modules: Collection[str], state: EvaState) -> str:
+    """What to load instead when the state was computed on a task model and this is its bare backbone."""
+    prefix = dropped_prefix(modules, state.layers)
+    if prefix is None:
+        return "Was it computed on another model or model class?"
+    src = state.meta.get("model") or {}
+    return (f"The state was computed on a {src.get('class') or 'task model'} (kind {src.get('kind') or '?'}), which "
+            f"holds these layers under `{prefix}`; load that class (evapipe apply --kind {src.get('kind') or '...'}).")
 
 
 def check_not_cpu_packed(model: nn.Module) -> None:
@@ -177,14 +203,38 @@ def task_type_of(model: nn.Module) -> str | None:
     return class_traits(type(model).__name__)[1]
 
 
-def lora_config_for(state: EvaState, model: nn.Module, base: LoraConfig | None = None) -> LoraConfig:
+def task_heads(model: nn.Module) -> list[str]:
+    """The new head of a classifier that PEFT has no task type for (image, audio): it must train in full
+    (modules_to_save), as PEFT's SEQ_CLS task does for text classifiers."""
+    if not type(model).__name__.endswith(HEAD_CLASSES):
+        return []
+    return [name for name in TRAINED_HEADS if isinstance(getattr(model, name, None), nn.Module)]
+
+
+def layer_alphas(state: EvaState, rslora: bool = False) -> dict[str, float]:
+    """Every layer's lora_alpha: the state's (scaling alpha / rank kept at lora_alpha / r with
+    adjust_scaling_factors), or for rsLoRA alpha * sqrt(rank / r), which keeps alpha / sqrt(rank) at
+    lora_alpha / sqrt(r) (adjust_scaling_factors off: each layer's own alpha, scaling alpha / sqrt(rank))."""
+    meta, ranks = state.meta, state.ranks
+    if not rslora:
+        alphas = meta.get("alpha_pattern") or {}
+        return {n: alphas.get(n, meta["lora_alpha"]) for n in ranks}
+    if "layer_alpha" not in meta or "layer_r" not in meta:
+        raise StateError("the state lacks per-layer r and alpha (layer_r, layer_alpha), which rsLoRA scaling needs")
+    adjust = meta.get("adjust_scaling_factors", True)
+    return {n: scaled_alpha(meta["layer_alpha"][n], k, meta["layer_r"][n], adjust, rslora=True)
+            for n, k in ranks.items()}
+
+
+def lora_config_for(state: EvaState, model: nn.Module, base: LoraConfig | None = None, *, use_dora: bool = False,
+                    use_rslora: bool = False) -> LoraConfig:
     """The LoraConfig a state describes, on top of `base` (dropout, bias, modules_to_save ... are kept).
 
     target_modules is the exact list of layers with rank > 0. PEFT also matches a list entry against the end of
     longer names, so any other module whose name ends in a target's full name is put in exclude_modules.
-    rank_pattern / alpha_pattern keys are regex-escaped full names (PEFT matches them as regexes on the end of a
-    name, so an unescaped `.` would match any character). Expert parameters go to target_parameters, with one r and
-    alpha per parameter (see evapipe.expert_adapters).
+    rank_pattern / alpha_pattern keys match exactly one full name each (see exact_key; PEFT matches them as regexes
+    on the end of a name). DoRA and rsLoRA are on when asked here or in `base`. Expert parameters go to
+    target_parameters, with one r and alpha per parameter (see evapipe.expert_adapters).
     """
     from peft import LoraConfig
 
@@ -197,15 +247,19 @@ def lora_config_for(state: EvaState, model: nn.Module, base: LoraConfig | None =
         raise StateError("every layer of the state has rank 0: there is nothing to adapt")
     wanted = set(targets)
     r, alpha = int(meta["r"]), meta["lora_alpha"]
-    alphas = meta.get("alpha_pattern") or {}
+    use_dora = use_dora or bool(base and base.use_dora)
+    use_rslora = use_rslora or bool(base and base.use_rslora)
+    alphas = layer_alphas(state, use_rslora)
     collateral = [n for n, _ in model.named_modules() if n not in wanted and _ends_with_any(n, wanted)]
     modules = dict(model.named_modules())
     conv1d = any(type(modules[n]).__name__ == "Conv1D" for n in targets if n in modules)  # GPT-2 stores W as (in, out)
     fields = dict(
         r=r, lora_alpha=alpha, target_modules=targets, exclude_modules=collateral or None, init_lora_weights=True,
-        eva_config=None, fan_in_fan_out=conv1d, target_parameters=list(p_ranks) or None,
+        eva_config=None, fan_in_fan_out=conv1d, use_dora=use_dora, use_rslora=use_rslora,
+        target_parameters=list(p_ranks) or None,
         rank_pattern=_name_patterns({n: ranks[n] for n in targets} | p_ranks, r),
-        alpha_pattern=_name_patterns({n: alphas.get(n, alpha) for n in targets} | p_alphas, alpha),
+        alpha_pattern=_name_patterns({n: alphas[n] for n in targets} | p_alphas, alpha),
+        modules_to_save=(base.modules_to_save if base else None) or task_heads(model) or None,
     )
     if base is None:
         return LoraConfig(task_type=task_type_of(model), **fields)
@@ -219,14 +273,27 @@ def _ends_with_any(name: str, names: set[str]) -> bool:
 
 
 def _name_patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
-    """{escaped full name: value} for the layers whose value is not the default, longest name first.
+    """{pattern key of the full name: value} for the layers whose value is not the default, longest name first.
 
     PEFT takes the first key that matches the end of a name, so a layer whose name ends in another patterned
     layer's full name gets its own key (even at the default value), tried before the shorter one.
     """
     keep = {n for n, v in values.items() if v != default}
     keep |= {n for n in values if _ends_with_any(n, keep)}
-    return {re.escape(n): values[n] for n in sorted(keep, key=len, reverse=True)}
+    return {exact_key(n): values[n] for n in sorted(keep, key=len, reverse=True)}
+
+
+def exact_key(name: str) -> str:
+    """A rank_pattern / alpha_pattern key that matches exactly `name`, in old and new PEFT alike.
+
+    PEFT >= 0.15 matches a key as `(.*\\.)?KEY$`; PEFT 0.14 as `.*\\.KEY$`, which needs a dot before the key, so a
+    plain full name (`encoder.layer.0.attention.self.query`, no dot before it) silently never matches there and the
+    layer gets the default r. The key is the name after its first component, with a lookbehind that pins that
+    component to the start of the name: both rules then match this name and no other. A one-component name has no
+    dot to split at (PEFT 0.14 cannot pattern it at all).
+    """
+    first, dot, rest = name.partition(".")
+    return rf"(?<=^{re.escape(first)}\.){re.escape(rest)}" if dot else re.escape(name)
 
 
 def apply_eva_state(
@@ -235,12 +302,17 @@ def apply_eva_state(
     adapter_name: str = "default",
     force: bool = False,
     lora_config: LoraConfig | None = None,
+    *,
+    use_dora: bool = False,
+    use_rslora: bool = False,
 ) -> PeftModel:
     """Wrap `model` (plain or bitsandbytes 4/8-bit, prepared for k-bit training or not) in a trainable PeftModel
     whose LoRA A are the state's components and B are zero, so it starts equal to the base model.
 
     `state`: an EvaState, a state file path, or PEFT's `get_eva_state_dict` dict. `lora_config` supplies the other
     LoRA options (lora_dropout, modules_to_save ...) and, for a PEFT dict, the r / alpha it was computed with.
+    `use_dora`: DoRA (its magnitude vector starts at the base weight's row norms, so outputs still equal the
+    base's); `use_rslora`: rsLoRA, with every layer's scaling kept at lora_alpha / sqrt(r) (see layer_alphas).
     Layers with rank 0 get no adapter. A state computed on a backbone applies to a task model around it (a
     BertModel's state to a BertForSequenceClassification). As with PEFT's get_peft_model, `model` is modified in
     place.
@@ -257,9 +329,10 @@ def apply_eva_state(
     prefix = backbone_prefix(model, st)
     st = st.under(prefix)
     check_state(model, st, force, prefix)
-    config = lora_config_for(st, model, lora_config)
+    config = lora_config_for(st, model, lora_config, use_dora=use_dora, use_rslora=use_rslora)
     check_trainable_heads(model, config)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # transformers 5 deprecates the attribute PEFT reads; not the user's to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         # PEFT 0.21 checks rank_pattern / alpha_pattern keys against adapted modules only, and calls the keys of
         # target_parameters (which it does apply) unmatched
         warnings.filterwarnings("ignore", r"The following (rank|alpha)_pattern keys did not match", RuntimeWarning)
@@ -314,9 +387,19 @@ def check_output(output: Path, overwrite: bool) -> None:
                           "refusing to replace it")
 
 
-def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaState, overwrite: bool = False) -> Path:
+def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaState, overwrite: bool = False,
+                 built_for: Mapping[str, Any] | None = None) -> Path:
     """Write the standard PEFT adapter directory (+ evapipe.json provenance) atomically: into a temporary
-    sibling folder first, which then replaces `output`, so a crash never leaves a half-written adapter."""
+    sibling folder first, which then replaces `output`, so a crash never leaves a half-written adapter.
+
+    evapipe.json records the state it came from and, under `adapter_for`, the model class and PEFT task type it was
+    built for (plus `built_for`: how `evapipe apply` loaded it), which `evapipe check` names when a model differs.
+
+    Over an existing adapter (`overwrite`), only the files the new adapter writes are replaced: everything else in
+    the folder (training logs, checkpoints) is carried into the new folder (hard links, no copy) before the swap.
+    The old folder waits under a name of its own until the swap is done, so concurrent applies never remove each
+    other's.
+    """
     output = Path(output)
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -325,13 +408,17 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
     old = None
     try:
         peft_model.save_pretrained(str(tmp))
+        _drop_eva_config(tmp / "adapter_config.json")
         meta = state.meta
-        provenance = {k: meta[k] for k in PROVENANCE_KEYS if k in meta} | {"ranks": state.ranks}
+        adapter_for = {"class": type(peft_model.get_base_model()).__name__,
+                       "task_type": peft_model.active_peft_config.task_type, **(built_for or {})}
+        provenance = {k: meta[k] for k in PROVENANCE_KEYS if k in meta} | {"ranks": state.ranks,
+                                                                          "adapter_for": adapter_for}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
         if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(output, old)
+            _carry_other_files(output, tmp)
+            old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
+            os.replace(output, old)  # onto its own empty folder
         os.replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -340,23 +427,58 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
     return output
 
 
+def read_provenance(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """The evapipe.json of an adapter directory ({} for an adapter evapipe did not write)."""
+    path = Path(adapter_dir) / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _drop_eva_config(path: Path) -> None:
+    """The adapter is plain LoRA (init_lora_weights=True): PEFT's `"eva_config": null` only names a feature that
+    PEFT versions without EVA do not know, so it is left out."""
+    config = json.loads(path.read_text())
+    if config.get("eva_config", 0) is None:
+        del config["eva_config"]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _carry_other_files(old: Path, new: Path) -> None:
+    """Hard-link into `new` every entry of `old` that `new` does not have (what is not the adapter's own)."""
+    for item in old.iterdir():
+        target = new / item.name
+        if target.exists() or target.is_symlink():
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, target, symlinks=True, copy_function=os.link)
+        else:
+            os.link(item, target, follow_symlinks=False)
+
+
 def apply_to_directory(
     state_path: str | os.PathLike,
     output: str | os.PathLike,
     model: str | None = None,
     *,
+    kind: str | None = None,
+    num_labels: int | None = None,
+    use_dora: bool = False,
+    use_rslora: bool = False,
     quantization: str | None = None,
     dtype: str = "float32",
     revision: str | None = None,
     trust_remote_code: bool = False,
     device: str = "auto",
+    seed: int = 0,
     force: bool = False,
     overwrite: bool = False,
 ) -> tuple[Path, EvaState]:
-    """Load the base model (class and kind as the state records; bitsandbytes-quantized when asked), apply the
-    state and write the adapter directory. `model` defaults to the model the state was computed on.
+    """Load the model the adapter is for, apply the state and write the adapter directory.
 
-    Everything is checked (output, state file, model fit) before anything is written.
+    `model`: the model to train, loaded with its own architecture (a saved BertForSequenceClassification keeps its
+    head, gets PEFT's SEQ_CLS task and trains the head in full); default: the model the state was computed on, as
+    the state's kind. `kind` asks for another class (`seq-cls` on a bare encoder: a new head of `num_labels`,
+    initialised with `seed`). A state computed on a backbone applies to a task model around it. Everything is
+    checked (output, state file, model fit) before anything is written.
     """
     output = Path(output)
     check_output(output, overwrite)
@@ -365,8 +487,12 @@ def apply_to_directory(
     name = model or source.get("id")
     if not name:
         raise ConfigError(f"{state_path} does not record which model it was computed on; pass --model")
-    cfg = ModelConfig(name_or_path=name, revision=revision, dtype=dtype, quantization=quantization,
-                      kind=source.get("kind") or "auto", trust_remote_code=trust_remote_code, device=device)
-    base, _ = load_model(cfg, local_device(device))
-    peft_model = apply_eva_state(base, state, force=force)
-    return save_adapter(peft_model, output, state, overwrite), state
+    kind = kind or ("auto" if model else source.get("kind") or "auto")
+    cfg = ModelConfig(name_or_path=name, revision=revision, dtype=dtype, quantization=quantization, kind=kind,
+                      trust_remote_code=trust_remote_code, device=device)
+    torch.manual_seed(seed)  # a new head's init
+    base, kind = load_model(cfg, local_device(device), num_labels=num_labels)
+    peft_model = apply_eva_state(base, state, force=force, use_dora=use_dora, use_rslora=use_rslora)
+    built_for = {"model": name, "revision": revision, "kind": kind, "num_labels": num_labels,
+                 "state": str(Path(state_path).resolve())}
+    return save_adapter(peft_model, output, state, overwrite, built_for), state

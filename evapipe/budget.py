@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -59,9 +60,15 @@ def pattern_value(pattern: Mapping[str, object], name: str, default: object) -> 
     return default
 
 
-def scaled_alpha(lora_alpha: float, rank: int, r: int, adjust: bool) -> float:
-    """alpha * rank / r keeps alpha / rank, the LoRA scaling, equal to lora_alpha / r whatever the rank."""
-    return lora_alpha * rank / r if adjust and r > 0 else lora_alpha
+def scaled_alpha(lora_alpha: float, rank: int, r: int, adjust: bool, rslora: bool = False) -> float:
+    """alpha * rank / r keeps alpha / rank, the LoRA scaling, equal to lora_alpha / r whatever the rank.
+
+    rsLoRA scales by alpha / sqrt(rank), so there alpha * sqrt(rank / r) keeps every layer at lora_alpha / sqrt(r)
+    (PEFT's EVA loader applies rank / r to every variant, which gives rsLoRA layers sqrt(rank / r) times the scaling).
+    """
+    if not adjust or r <= 0:
+        return lora_alpha
+    return lora_alpha * (math.sqrt(rank / r) if rslora else rank / r)
 
 
 def state_patterns(

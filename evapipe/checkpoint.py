@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .ipca import PCAState
 from .metadata import utc_now
 from .planning import Layout, Verdict
-from .state import atomic_write
+from .state import atomic_write, writing
 from .store import changed_keys
 
 log = logging.getLogger("evapipe")
@@ -134,24 +134,30 @@ def _read_states(group_dir: Path) -> dict[str, PCAState]:
 
 def save(directory: str | Path, snapshot: Snapshot, comm: Comm, job: dict[str, Any]) -> Path:
     """Checkpoint one step (called on every rank at the same step); returns the step's folder."""
-    import zarr
-
     directory = Path(directory)
     step_dir = directory / f"{STEP_PREFIX}{snapshot.step:08d}"
-    with collectively(comm):  # e.g. a full disk on one rank: every rank stops with it
+    with collectively(comm), writing(step_dir):  # e.g. a full disk on one rank: every rank stops with it
         _write_states(step_dir / f"rank-{comm.rank}", snapshot.states)
-    if comm.is_main:
-        if not (directory / "zarr.json").is_file():
-            zarr.create_group(store=str(directory), attributes={"format": CKPT_FORMAT})
-        attrs = {
-            "format": CKPT_FORMAT, "version": CKPT_VERSION, "complete": True, "world_size": comm.world,
-            "job": job, "written": utc_now(), "loop": snapshot.loop(),
-        }
-        # the completion mark: the step's zarr v3 group metadata, written last and atomically
-        group_meta = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs})
-        atomic_write(step_dir / "zarr.json", lambda tmp: Path(tmp).write_text(group_meta))
-        _prune(directory, keep=step_dir)
+    with collectively(comm), writing(step_dir / "zarr.json"):  # the others wait here, not in the next step
+        if comm.is_main:
+            _mark_complete(directory, step_dir, snapshot, comm.world, job)
     return step_dir
+
+
+def _mark_complete(directory: Path, step_dir: Path, snapshot: Snapshot, world: int, job: dict[str, Any]) -> None:
+    """Rank 0, once every rank's PCAs are written: the step's metadata (the completion mark), then pruning."""
+    import zarr
+
+    if not (directory / "zarr.json").is_file():
+        zarr.create_group(store=str(directory), attributes={"format": CKPT_FORMAT})
+    attrs = {
+        "format": CKPT_FORMAT, "version": CKPT_VERSION, "complete": True, "world_size": world,
+        "job": job, "written": utc_now(), "loop": snapshot.loop(),
+    }
+    # the completion mark: the step's zarr v3 group metadata, written last and atomically
+    group_meta = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs})
+    atomic_write(step_dir / "zarr.json", lambda tmp: Path(tmp).write_text(group_meta))
+    _prune(directory, keep=step_dir)
 
 
 def _prune(directory: Path, keep: Path) -> None:
@@ -193,11 +199,20 @@ def _decide(directory: Path, job: dict[str, Any], world: int, restart: bool) -> 
     return Decision("resume", step_dir=str(step_dir), loop=attrs["loop"])
 
 
+def _decide_safely(directory: Path, job: dict[str, Any], world: int, restart: bool) -> Decision:
+    """_decide, with a malformed mark refused on every rank (broadcast) instead of raised on rank 0 alone."""
+    try:
+        return _decide(directory, job, world, restart)
+    except Exception as err:
+        return Decision("refuse", f"the checkpoint {directory} is malformed ({err!r}); rerun with --restart to "
+                                  "discard it and start fresh")
+
+
 def resume(directory: str | Path, comm: Comm, job: dict[str, Any], restart: bool = False) -> Snapshot | None:
     """The newest complete checkpoint in `directory`, on every rank (this rank's PCAs in it), or None when
     starting fresh. A checkpoint of another job or world size raises ConfigError unless `restart` discards it."""
     directory = Path(directory)
-    decision: Decision = comm.broadcast(_decide(directory, job, comm.world, restart) if comm.is_main else None)
+    decision: Decision = comm.broadcast(_decide_safely(directory, job, comm.world, restart) if comm.is_main else None)
     if decision.action == "refuse":
         raise ConfigError(decision.note)
     if decision.action == "fresh":

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from .config import MODEL_KINDS
 from .errors import EvapipeError
 
 
@@ -27,7 +28,8 @@ def main() -> None:
     """EVA (Explained Variance Adaptation) initialisation for LoRA adapters.
 
     Compute a state from a model and task data (`compute`), look at it (`show`), turn it into a PEFT adapter
-    (`apply`); list a store (`list`), re-budget a state (`rebudget`), convert to and from PEFT (`convert`).
+    (`apply`) and check an adapter against a model (`check`); list a store (`list`), re-budget a state
+    (`rebudget`), convert to and from PEFT (`convert`).
     """
 
 
@@ -98,42 +100,86 @@ def config_reference_command() -> None:
     click.echo(reference_markdown())
 
 
+def _model_options(func):
+    """--model / --kind / --num-labels / --revision / --trust-remote-code, shared by `apply` and `check`."""
+    options = [
+        click.option("--model", default=None,
+                     help="Hub id or local directory of the model the adapter is for, loaded with its own architecture "
+                          "(a saved classifier keeps its head). Default: the model the state was computed on "
+                          "(for check: the one the adapter was written for)."),
+        click.option("--kind", type=click.Choice(MODEL_KINDS), default=None,
+                     help="Load the model as this kind instead (e.g. seq-cls: a sequence classifier with a new head "
+                          "on a bare encoder checkpoint). Default: the model's own architecture; without --model, "
+                          "the kind the state was computed as."),
+        click.option("--num-labels", type=click.IntRange(min=1), default=None,
+                     help="Labels of the new classifier head that --kind seq-cls / image-cls adds."),
+        click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of the model."),
+        click.option("--trust-remote-code", is_flag=True, help="Passed to transformers' from_pretrained."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @main.command("apply")
 @click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False),
               help="EVA state file written by `evapipe compute`.")
-@click.option("--model", default=None,
-              help="Hub id or local directory of the base model (default: the model the state was computed on).")
+@_model_options
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Adapter directory to write (adapter_config.json + adapter_model.safetensors + evapipe.json).")
+@click.option("--use-dora", is_flag=True,
+              help="DoRA adapter: its magnitude vector starts at the base weight's norms, so outputs still equal "
+                   "the base model's.")
+@click.option("--use-rslora", is_flag=True,
+              help="rsLoRA scaling (alpha / sqrt(rank)); every layer's scaling stays lora_alpha / sqrt(r) whatever "
+                   "its EVA rank (lora_alpha / sqrt(rank) if the state was computed without adjust_scaling_factors).")
 @click.option("--load-in-4bit", "load_4bit", is_flag=True, help="Load the base bitsandbytes 4-bit quantized (QLoRA).")
 @click.option("--load-in-8bit", "load_8bit", is_flag=True, help="Load the base bitsandbytes 8-bit quantized.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Dtype of the base model's non-quantized weights (and 4-bit compute dtype).")
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of the base model.")
-@click.option("--trust-remote-code", is_flag=True, help="Passed to transformers' from_pretrained.")
 @click.option("--device", default="auto", show_default=True, help="Where to load the base: auto, cpu or cuda.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a new task head's initialisation.")
 @click.option("--force", is_flag=True,
               help="Apply even if the architecture fingerprint differs (layer names and shapes are always checked).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing adapter directory at --output.")
-def apply_command(state_path: str, model: str | None, output: str, load_4bit: bool, load_8bit: bool, dtype: str,
-                  revision: str | None, trust_remote_code: bool, device: str, force: bool, overwrite: bool) -> None:
-    """Turn a state into a PEFT LoRA adapter directory, ready to train.
+def apply_command(state_path: str, output: str, load_4bit: bool, load_8bit: bool, **options) -> None:
+    """Turn a state into a PEFT LoRA adapter directory for a model, ready to train.
 
     lora_A = the state's components, lora_B = 0 (the adapted model starts equal to the base), per-layer ranks and
-    alphas from the state; rank-0 layers get no adapter. Load it with
-    PeftModel.from_pretrained(base, OUTPUT, is_trainable=True).
+    alphas from the state; rank-0 layers get no adapter. A state computed on a backbone (MiniLM's BertModel) applies
+    to a task model around it (--model a saved classifier, or --kind seq-cls --num-labels N): the adapter then
+    carries the head (PEFT task type, modules_to_save). Load it with
+    PeftModel.from_pretrained(<that model>, OUTPUT, is_trainable=True); `evapipe check` checks a model first.
     """
-    from .apply import apply_to_directory
+    from .apply import apply_to_directory, read_provenance
 
     if load_4bit and load_8bit:
         raise click.UsageError("--load-in-4bit and --load-in-8bit exclude each other")
     quantization = "4bit" if load_4bit else "8bit" if load_8bit else None
-    path, state = apply_to_directory(state_path, output, model, quantization=quantization, dtype=dtype,
-                                     revision=revision, trust_remote_code=trust_remote_code, device=device,
-                                     force=force, overwrite=overwrite)
+    path, state = apply_to_directory(state_path, output, quantization=quantization, **options)
+    built = read_provenance(path)["adapter_for"]
     ranks = [k for k in state.ranks.values() if k > 0]
-    click.echo(f"wrote {path}: {len(ranks)} LoRA layers (rank {min(ranks)}-{max(ranks)}, total {sum(ranks)}), "
-               f"{len(state.ranks) - len(ranks)} at rank 0 left without an adapter")
+    click.echo(f"wrote {path} for a {built['class']} (PEFT task {built['task_type']}): {len(ranks)} LoRA layers "
+               f"(rank {min(ranks)}-{max(ranks)}, total {sum(ranks)}), {len(state.ranks) - len(ranks)} at rank 0 "
+               "left without an adapter")
+
+
+@main.command("check")
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="PEFT adapter directory (e.g. written by `evapipe apply`).")
+@_model_options
+def check_command(adapter_dir: str, **options) -> None:
+    """Check, before training, that an adapter loads onto a model: every adapter weight has its layer, with equal
+    shapes, and a model with a task head gets an adapter for that task (else PEFT only warns and trains a random
+    init with a frozen head). Reads no weights (the model is built on the meta device); exit 2 with what to run
+    instead when it does not fit.
+    """
+    from .adapter_check import check_adapter_dir
+
+    fit = check_adapter_dir(adapter_dir, **options)
+    full = f"; trained in full: {', '.join(fit.trained_in_full)}" if fit.trained_in_full else ""
+    click.echo(f"ok: {adapter_dir} loads onto a {fit.model_class} (PEFT task {fit.task_type}): "
+               f"{fit.lora_layers} LoRA layers{full}")
 
 
 @main.command("list")
@@ -162,11 +208,12 @@ def list_command(directory: str | None, as_json: bool) -> None:
 @click.option("--r", "r", required=True, type=int, help="New rank per layer before redistribution.")
 @click.option("--rho", type=float, default=None, help="New redistribution factor (default: the state's).")
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="Where the new state goes.")
-def rebudget_command(state_path: str, r: int, rho: float | None, output: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing file at --output.")
+def rebudget_command(state_path: str, r: int, rho: float | None, output: str, overwrite: bool) -> None:
     """Redistribute a state's ranks for another budget from its stored spectrum, without a forward pass."""
     from .rebudget import rebudget_file
 
-    state = rebudget_file(state_path, output, r, rho)
+    state = rebudget_file(state_path, output, r, rho, overwrite=overwrite)
     ranks = list(state.ranks.values())
     click.echo(f"wrote {output}: r={r} rho={state.meta['rho']:g}, total rank {sum(ranks)} over {len(ranks)} layers "
                f"({sum(1 for k in ranks if k == 0)} at rank 0)")
@@ -186,14 +233,15 @@ def rebudget_command(state_path: str, r: int, rho: float | None, output: str) ->
               help="Reading PEFT: EvaConfig adjust_scaling_factors (default on).")
 @click.option("--task", default=None, help="Reading PEFT: the task name to record.")
 @click.option("--model", default=None, help="Reading PEFT: the base model (hub id or path) to record.")
-def convert_command(src: str, dst: str, no_prefix: bool, **settings) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing file at DST.")
+def convert_command(src: str, dst: str, no_prefix: bool, overwrite: bool, **settings) -> None:
     """Convert between an evapipe state (.safetensors) and a PEFT EVA state dict (torch.save: .pt/.pth/.bin).
 
     The direction follows the file names. PEFT files carry no metadata: give what they lack as options.
     """
     from .convert import convert_file
 
-    state = convert_file(src, dst, prefix=not no_prefix, **settings)
+    state = convert_file(src, dst, prefix=not no_prefix, overwrite=overwrite, **settings)
     click.echo(f"wrote {dst}: {len(state.ranks)} layers, total rank {state.total_rank()}")
 
 

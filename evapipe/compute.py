@@ -55,11 +55,19 @@ def compute_eva_state(
     try:
         run = EvaRun(model, settings, comm, forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn)
         with torch.no_grad():
-            run.run(cycle_batches(dataloader), show_progress=show_progress)
+            run.run(cycle_batches(dataloader), show_progress=show_progress, pass_steps=_length(dataloader))
         extra = {"model": model_info(model), "dataset": {"id": None, "split": None, "fingerprint": None}}
         return run.result(extra | dict(metadata or {}))
     finally:
         model.train(training)
+
+
+def _length(dataloader: Iterable[Any]) -> int | None:
+    """Batches in one pass over a dataloader, when it knows (an iterable dataset may not)."""
+    try:
+        return len(dataloader)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:

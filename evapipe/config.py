@@ -26,6 +26,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+ModelKind = Literal["auto", "causal-lm", "encoder", "seq-cls", "seq2seq", "image-cls"]
+MODEL_KINDS = typing.get_args(ModelKind)[1:]  # the kinds `auto` chooses from
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = _f(
@@ -39,7 +43,7 @@ class ModelConfig:
         None, "Load the base bitsandbytes-quantized (4bit or 8bit) and compute EVA on it, as PEFT allows."
     )
     trust_remote_code: bool = _f(False, "Passed to transformers' from_pretrained.")
-    kind: Literal["auto", "causal-lm", "encoder", "seq-cls", "seq2seq", "image-cls"] = _f(
+    kind: ModelKind = _f(
         "auto", "Which model class and inputs to use; `auto` follows the model config's `architectures`."
     )
     device: str = _f("auto", "Device to run on: `auto` (the local rank's GPU if there is one, else CPU), `cpu`, `cuda`.")
@@ -254,11 +258,12 @@ def _validate(cfg: JobConfig) -> None:
         (o.path is not None or o.store is not None, "output.path", "set output.path or output.store"),
         (o.checkpoint_every is None or o.checkpoint_every >= 1, "output.checkpoint_every", "must be >= 1 or null"),
         (cfg.distributed.timeout_s > 0, "distributed.timeout_s", "must be > 0"),
-        (bool(cfg.task.strip()) and "/" not in cfg.task, "task", "must be a non-empty name without '/'"),
+        (plain_name(cfg.task), "task", f"must be a plain name (no '/', '\\', '..' or leading '.'), got {cfg.task!r}"),
     ]
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"`{key}` {msg}")
+    check_stopping(e)
     if isinstance(e.target_modules, list) and not e.target_modules and not e.target_parameters:
         raise ConfigError("`eva.target_modules` is an empty list (and no eva.target_parameters are set)")
     if e.target_parameters is not None and not all(p.strip() for p in e.target_parameters):
@@ -268,6 +273,20 @@ def _validate(cfg: JobConfig) -> None:
     for pattern, key in regexes:
         if isinstance(pattern, str):
             _check_regex(pattern, key)
+
+
+def plain_name(name: str) -> bool:
+    """A name usable as one folder of the store: never a path that climbs out of it or hides in it."""
+    return bool(name.strip()) and not any(c in name for c in "/\\\0") and ".." not in name and not name.startswith(".")
+
+
+def check_stopping(e: EvaSettings) -> None:
+    """Refuse settings under which the loop can never stop: |cos| >= 1.0 is not reached in float32."""
+    if e.tau >= 1.0 and e.max_batches is None:
+        raise ConfigError(
+            f"`eva.tau` {e.tau} can never be reached (float32 cosines stay below 1), so the job would not stop; "
+            "use a value below 1 (e.g. 0.999), or set eva.max_batches to stop after that many batches"
+        )
 
 
 def _check_regex(pattern: str, key: str) -> None:

@@ -19,7 +19,7 @@ import torch
 from .apply import state_from_peft, to_peft_state_dict
 from .errors import ConfigError, StateError
 from .metadata import versions
-from .state import PEFT_PREFIX, EvaState, atomic_write, load_state
+from .state import PEFT_PREFIX, EvaState, atomic_write, load_state, refuse_existing
 
 STATE_SUFFIX = ".safetensors"
 
@@ -82,13 +82,17 @@ def state_to_peft(state: EvaState, prefix: bool = True) -> dict[str, torch.Tenso
     return to_peft_state_dict(state, PEFT_PREFIX if prefix else "")
 
 
-def convert_file(src: str | Path, dst: str | Path, prefix: bool = True, **settings: Any) -> EvaState:
+def convert_file(src: str | Path, dst: str | Path, prefix: bool = True, overwrite: bool = False,
+                 **settings: Any) -> EvaState:
     """`evapipe convert`: the direction follows the file names (`.safetensors` = evapipe state, else PEFT dict).
 
-    evapipe -> PEFT writes `torch.save(state_to_peft(...))`; PEFT -> evapipe needs `settings` (at least r).
-    Returns the state converted (read or written).
+    evapipe -> PEFT writes `torch.save(state_to_peft(...))`; PEFT -> evapipe needs `settings` (at least r). An
+    existing `dst` is replaced only with `overwrite`. Returns the state converted (read or written).
     """
     src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise ConfigError(f"convert reads {src} and cannot write over it; give another DST")
+    refuse_existing(dst, overwrite)
     to_state = dst.name.endswith(STATE_SUFFIX)
     if to_state == src.name.endswith(STATE_SUFFIX):
         kind = "evapipe states (.safetensors)" if to_state else "PEFT state dicts"

@@ -11,6 +11,7 @@ including the last, uneven step of each pass over the data.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ import torch
 from .config import DataConfig
 from .errors import ConfigError, DataError
 from .sources import FILE_BUILDERS, data_files, resolve_data_path
+
+log = logging.getLogger("evapipe")
+FINGERPRINT_ROWS = 1024  # rows hashed at a time: the fingerprint's memory does not grow with the dataset
 
 
 def _local_files(path: str) -> list[str] | None:
@@ -64,8 +68,9 @@ def data_columns(cfg: DataConfig, kind: str) -> list[str]:
     return [cfg.text_field]
 
 
-def load_rows(cfg: DataConfig, kind: str = "causal-lm") -> Any:
-    """The configured split as a datasets.Dataset, checked non-empty and holding the columns `kind` reads.
+def load_task_data(cfg: DataConfig, kind: str = "causal-lm") -> tuple[Any, int]:
+    """The configured split as a datasets.Dataset, checked non-empty and holding the columns `kind` reads, without
+    rows whose used columns are null (which would be read as the text "None"); and how many such rows it skipped.
 
     Local files go through the matching `datasets` builder; a folder of images through `imagefolder` (one class per
     sub-folder).
@@ -96,20 +101,55 @@ def load_rows(cfg: DataConfig, kind: str = "causal-lm") -> Any:
     for name in data_columns(cfg, kind):
         if name not in ds.column_names:
             raise DataError(f"dataset `{cfg.path}` has no column `{name}`; columns: {', '.join(ds.column_names)}")
-    return ds
+    return drop_null_rows(ds, data_columns(cfg, kind), cfg.path)
+
+
+def load_rows(cfg: DataConfig, kind: str = "causal-lm") -> Any:
+    """load_task_data's rows alone."""
+    return load_task_data(cfg, kind)[0]
+
+
+def _arrow_batches(ds: Any, columns: list[str]) -> Iterator[Any]:
+    """The used columns as arrow tables of FINGERPRINT_ROWS rows each (one contiguous chunk): bounded memory."""
+    yield from ds.select_columns(columns).with_format("arrow").iter(batch_size=FINGERPRINT_ROWS)
+
+
+def drop_null_rows(ds: Any, columns: list[str], where: str = "data") -> tuple[Any, int]:
+    """Rows whose used columns all hold a value, and how many were left out; all rows null is a DataError."""
+    import pyarrow.compute as pc
+
+    keep, start = [], 0
+    for table in _arrow_batches(ds, columns):
+        valid = None
+        for name in columns:
+            ok = pc.is_valid(table[name])
+            valid = ok if valid is None else pc.and_(valid, ok)
+        keep += [start + i for i, ok in enumerate(valid.to_pylist()) if ok]
+        start += table.num_rows
+    skipped = len(ds) - len(keep)
+    if not keep:
+        raise DataError(f"every row of `{where}` has a null {' or '.join(columns)}: there is no text to read")
+    if skipped:
+        log.warning("skipping %d of %d rows of %s whose %s is null", skipped, len(ds), where, " or ".join(columns))
+        ds = ds.select(keep)
+    return ds, skipped
 
 
 def dataset_fingerprint(ds: Any, columns: list[str]) -> str:
-    """Content hash of the columns used, so the same data under another path or clone hashes the same."""
-    h = hashlib.sha256()
-    table = ds.select_columns(columns).data.table if hasattr(ds, "data") else None
-    if table is not None:
-        import pyarrow as pa
+    """Content hash of the columns used, so the same data under another path or clone hashes the same.
 
+    Streamed over fixed-size row blocks, each copied and written as one arrow IPC record batch: the same rows give
+    the same bytes whatever the storage's chunking, and memory stays at one block, however large the dataset.
+    """
+    import pyarrow as pa
+
+    h = hashlib.sha256()
+    for table in _arrow_batches(ds, columns):
+        table = table.take(pa.array(range(table.num_rows)))  # a fresh copy: no slice offsets in the bytes
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table.combine_chunks())
-        h.update(sink.getvalue().to_pybytes())
+            writer.write_table(table)
+        h.update(sink.getvalue())
     h.update(str(len(ds)).encode())
     return h.hexdigest()[:16]
 

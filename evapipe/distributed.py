@@ -132,22 +132,26 @@ class TorchComm(Comm):
         self.dist.all_gather(gathered, meta)
         counts, codes = torch.stack(gathered).unbind(1)  # each [rank][layer]
         counts, codes = counts.tolist(), codes.tolist()
-        ops, received = [], {}
-        for j, name in enumerate(names):
-            x, dst = tokens[name], owner[name]
-            if dst != self.rank:
-                if counts[self.rank][j] > 0:
-                    ops.append(self.dist.P2POp(self.dist.isend, _sendable(x), dst, tag=j))
-                continue
-            parts = []
-            for src in range(self.world):
-                if src == self.rank:
-                    parts.append(x)
-                elif counts[src][j] > 0:
-                    buf = x.new_empty((counts[src][j], x.shape[1]), dtype=ROUTE_DTYPES[codes[src][j]])
-                    ops.append(self.dist.P2POp(self.dist.irecv, buf, src, tag=j))
-                    parts.append(buf)
-            received[name] = parts
+        ops, received, error = [], {}, None
+        try:  # moving and allocating can fail on one rank (out of memory): agreed before any transfer starts
+            for j, name in enumerate(names):
+                x, dst = tokens[name].to(self.device), owner[name]
+                if dst != self.rank:
+                    if counts[self.rank][j] > 0:
+                        ops.append(self.dist.P2POp(self.dist.isend, _sendable(x), dst, tag=j))
+                    continue
+                parts = []
+                for src in range(self.world):
+                    if src == self.rank:
+                        parts.append(x)
+                    elif counts[src][j] > 0:
+                        buf = x.new_empty((counts[src][j], x.shape[1]), dtype=ROUTE_DTYPES[codes[src][j]])
+                        ops.append(self.dist.P2POp(self.dist.irecv, buf, src, tag=j))
+                        parts.append(buf)
+                received[name] = parts
+        except Exception as err:
+            error = err
+        self.agree(error)
         if ops:
             for req in self.dist.batch_isend_irecv(ops):
                 req.wait()
@@ -214,6 +218,22 @@ def local_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def attempt_store(timeout: datetime.timedelta) -> Any:
+    """Under torchrun's elastic agent: the agent's store, with keys of their own for this attempt; else None.
+
+    The agent's store outlives a restart (`--max-restarts`) and still holds the previous attempt's addresses, which
+    a restarted rank can read before its peers overwrite them, and then fail to connect (seen with gloo here, and
+    pytorch/pytorch#167288 with NCCL). A key prefix per restart count keeps the attempts apart.
+    """
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"evapipe/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_comm(device: torch.device, timeout_s: float = 600.0, backend: str = "auto") -> Comm:
     """Join the process group that torchrun / accelerate launch describe in the environment, if any.
 
@@ -228,7 +248,11 @@ def init_comm(device: torch.device, timeout_s: float = 600.0, backend: str = "au
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         extra = {"device_id": device} if backend == "nccl" and device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **extra)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = attempt_store(timeout)
+        if store is not None:
+            extra.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        dist.init_process_group(backend=backend, timeout=timeout, **extra)
     if dist.get_world_size() == 1:
         return Comm(device)
     return TorchComm(device)

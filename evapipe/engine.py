@@ -32,7 +32,7 @@ from .agreement import Agreement
 from .assemble import assemble_state, spectrum_entries
 from .budget import layer_r, pattern_value
 from .checkpoint import Snapshot
-from .config import EvaSettings
+from .config import EvaSettings, check_stopping
 from .distributed import Comm, collectively, init_comm
 from .errors import ConvergenceError, DataError
 from .experts import ExpertHooks, model_order, resolve_expert_params
@@ -85,6 +85,7 @@ class EvaRun:
         prepare_model_inputs_fn: Callable | None = None,
         prepare_layer_inputs_fn: Callable | Mapping[str, Callable] | None = None,
     ):
+        check_stopping(settings)
         device = model_device(model)
         self.settings = settings
         self.comm = comm if comm is not None else init_comm(device)  # the launcher's group, if any
@@ -129,6 +130,7 @@ class EvaRun:
                     self.source.plan(plan)
                     feeding = [o for o in p.layout.owners if o in plan.needed | (plan.refine & self.source.active)]
                 tokens = self.source.forward(batch, first)
+                self._check_tokens(tokens)
                 if first and self.comm.is_main:
                     layout = self.source.layout()
         if first:  # every rank uses rank 0's groups and execution order, so all plan the same passes
@@ -145,6 +147,50 @@ class EvaRun:
             self.pool.update(routed)
         self._decide(Agreement.unpack(shared.values, owners, width, self.caps))
         p.step += 1
+
+    def _check_tokens(self, tokens: Mapping[str, torch.Tensor]) -> None:
+        """Refuse layer inputs that would break routing or poison a PCA, inside the step's agreement, so every rank
+        stops together. Finiteness is one flag per layer computed on the device and read once."""
+        for n, x in tokens.items():
+            if x.ndim != 2 or x.shape[1] != self.width[n]:
+                raise DataError(f"the input of layer {n} came out as {tuple(x.shape)}, not (tokens, {self.width[n]}); "
+                                "check hooks.prepare_layer_inputs_fn")
+        names = [n for n, x in tokens.items() if x.numel() and x.is_floating_point()]
+        if not names:
+            return
+        finite = torch.stack([torch.isfinite(tokens[n]).all() for n in names]).tolist()
+        bad = [n for n, ok in zip(names, finite) if not ok]
+        if bad:
+            dtype = str(tokens[bad[0]].dtype).removeprefix("torch.")
+            raise DataError(
+                f"non-finite values (NaN/Inf) in the inputs of {len(bad)} layer(s) at batch {self.progress.step} "
+                f"({dtype}): {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. The model overflows in {dtype}: "
+                "load it with model.dtype: bfloat16 or float32 (or fix the hook that produces these inputs)"
+            )
+
+    def starved(self) -> list[str]:
+        """Layers whose PCA has received no token at all so far (agreed: every rank sees the same ratios)."""
+        p = self.progress
+        return [] if p.layout is None else [n for n in self.names if p.layout.owner_of[n] not in p.agreed.ratios]
+
+    def _check_fed(self) -> None:
+        """After a full pass over the data (or at the end), a layer that never received a token is a clear error:
+        waiting longer cannot help, and its PCA would have nothing to report."""
+        starved, batches = self.starved(), self.progress.step
+        if not starved:
+            return
+        if len(starved) == len(self.names):
+            raise DataError(
+                f"no token reached any target layer in {batches} batches: every token was masked out. With "
+                f"eva.use_label_mask only tokens whose label is not {self.settings.label_mask_value} count, and "
+                "prompts of data.max_length tokens or more leave no completion token. Raise data.max_length, or set "
+                "eva.use_label_mask: false"
+            )
+        raise DataError(
+            f"{len(starved)} target layer(s) received no token in {batches} batches while the others did: "
+            f"{', '.join(starved[:6])}{' ...' if len(starved) > 6 else ''}. Check hooks.prepare_layer_inputs_fn and "
+            "the label mask, or leave them out with eva.exclude_modules"
+        )
 
     def _local_agreement(self, n_local: int, owners: list[str], width: int) -> torch.Tensor:
         return Agreement.local(self.pool.states, n_local).pack(owners, width)
@@ -165,8 +211,13 @@ class EvaRun:
         p.verdict = settle_waiting(verdict, waiting)
 
     def run(self, batches: Iterable[Any], show_progress: bool = True,
-            on_step: Callable[[EvaRun], None] | None = None) -> None:
-        """Step until every PCA is done or eva.max_batches; `batches` yields this rank's share (None if empty)."""
+            on_step: Callable[[EvaRun], None] | None = None, pass_steps: int | None = None) -> None:
+        """Step until every PCA is done or eva.max_batches; `batches` yields this rank's share (None if empty).
+
+        `pass_steps` (rank 0's value counts) is the length of one pass over the data: a layer that has received no
+        token after it is an error instead of an endless loop.
+        """
+        pass_steps = self.comm.broadcast(pass_steps)
         max_batches = self.settings.max_batches
         bar = tqdm(total=max_batches, disable=not (show_progress and self.comm.is_main), desc="EVA", unit="batch",
                    initial=self.progress.step)
@@ -184,6 +235,8 @@ class EvaRun:
                 p = self.progress
                 bar.update(1)
                 bar.set_postfix_str(f"{len(p.layout.members(p.verdict.passed()))}/{len(self.names)} layers converged")
+                if pass_steps and p.step >= pass_steps:
+                    self._check_fed()
                 if on_step is not None:
                     on_step(self)
                 if self.done:
@@ -212,6 +265,7 @@ class EvaRun:
 
     def result(self, extra_meta: Mapping[str, Any] | None = None) -> EvaState | None:
         """The state on rank 0 (None elsewhere); raises ConvergenceError per eva.on_unconverged."""
+        self._check_fed()
         missing = self.unconverged()
         if missing:
             msg = f"{len(missing)} layer(s) had not converged after {self.progress.step} batches: {', '.join(missing[:8])}"

@@ -23,3 +23,7 @@ class ConvergenceError(EvapipeError, RuntimeError):
 
 class DistributedError(EvapipeError, RuntimeError):
     """Another rank failed; carries its error so every rank can stop with it."""
+
+
+class StorageError(EvapipeError, OSError):
+    """A file could not be written (full disk, I/O error, permissions); what was there before is left as it was."""

@@ -36,7 +36,7 @@ import torch
 EXTRA_RANDOM_DIRECTIONS = 8
 FIRST_POWER_ITERATIONS = 2
 YOUNG_SHARE = 1 / 4  # while a batch is more than this share of the tokens seen, one power iteration
-_RANK_EPS = 1e-6  # Cholesky pivot below this times the largest (cond(Y) > 1e6): take the exact path
+_RANK_EPS = 1e-6  # Cholesky pivot below this times the largest (cond(Y) > 1e6): the basis for a deficient A
 
 
 @dataclass
@@ -77,22 +77,35 @@ def new_state(n_features: int, n_components: int, oversample: int | None, seed: 
 
 class _Layer:
     """One layer's implicit A = [P; X - 1 mu^T; c] for this update, P = previous singular values x components,
-    mu the batch mean, c = sqrt(n m / (n + m)) (previous mean - mu) the mean-correction row."""
+    mu the batch mean, c = sqrt(n m / (n + m)) (previous mean - mu) the mean-correction row.
+
+    X is held shifted by the running mean (by its own rough mean on the first batch) before any float32 product:
+    inputs whose mean is large against their spread would otherwise lose their variance to float32 rounding.
+    """
 
     def __init__(self, state: PCAState, x: torch.Tensor):
-        self.state, self.x = state, x
-        self.m, n_prev = x.shape[0], state.n_seen
+        self.state, self.m, n_prev = state, x.shape[0], state.n_seen
+        shift = state.mean.to(x.dtype) if state.mean is not None else x.mean(0)
+        self.shift = shift.double()
+        self.x = x - shift
         self.scale = math.sqrt(n_prev * self.m / (n_prev + self.m))
         self.prev = None if not state.fitted else state.singular_values.unsqueeze(1) * state.components
-        self.mu: torch.Tensor | None = None  # float64 batch mean, known after the first transposed product
+        # previous mean - shift (float64; zero up to the shift's rounding once the running mean is the shift)
+        self.prev_offset = None if state.mean is None else state.mean - self.shift
+        self.mu_x: torch.Tensor | None = None  # float64 mean of the shifted batch, known after the first A^T product
+
+    @property
+    def mu(self) -> torch.Tensor:
+        """The batch mean (float64)."""
+        return self.mu_x + self.shift
 
     def times(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Blocks of A z (float64): [P z,] (X - 1 mu^T) z[, c z]; the batch mean's part comes from X z itself."""
         xz = (self.x @ z).double()
-        mz = xz.mean(0, keepdim=True)  # mu^T z
+        mz = xz.mean(0, keepdim=True)  # (mu - shift)^T z
         blocks = [xz - mz]
         if self.prev is not None:
-            prev_mean_z = self.state.mean @ z.double()
+            prev_mean_z = self.prev_offset @ z.double()
             blocks = [(self.prev @ z).double(), *blocks, self.scale * (prev_mean_z - mz)]
         return blocks
 
@@ -101,20 +114,20 @@ class _Layer:
         q_x = q[1] if self.prev is not None else q[0]
         ones = q_x.new_ones(self.m, 1)
         xt = (self.x.mT @ torch.cat([q_x, ones], 1).float()).double()  # [X^T q_x, column sums]
-        self.mu = xt[:, -1] / self.m
-        out = xt[:, :-1] - self.mu.unsqueeze(1) * q_x.sum(0, keepdim=True)
+        self.mu_x = xt[:, -1] / self.m
+        out = xt[:, :-1] - self.mu_x.unsqueeze(1) * q_x.sum(0, keepdim=True)
         if self.prev is not None:
-            c = self.scale * (self.state.mean - self.mu)
+            c = self.scale * (self.prev_offset - self.mu_x)
             out = out + self.prev.double().mT @ q[0] + c.unsqueeze(1) * q[2]
         return out
 
     def dense(self) -> torch.Tensor:
-        """A itself (float64), for small or rank-deficient updates."""
+        """A itself (float64), for small updates (few rows, or few features: about the batch's own size)."""
         x = self.x.double()
-        self.mu = x.mean(0)
-        blocks = [x - self.mu]
+        self.mu_x = x.mean(0)
+        blocks = [x - self.mu_x]
         if self.prev is not None:
-            blocks = [self.prev.double(), *blocks, (self.scale * (self.state.mean - self.mu)).unsqueeze(0)]
+            blocks = [self.prev.double(), *blocks, (self.scale * (self.prev_offset - self.mu_x)).unsqueeze(0)]
         return torch.cat(blocks)
 
 
@@ -134,6 +147,24 @@ def _orthonormalise(layers_blocks: list[list[torch.Tensor]]) -> list[list[torch.
     eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
     t = torch.linalg.solve_triangular(r, eye, upper=True)
     return [[b @ t[j] for b in blocks] for j, blocks in enumerate(layers_blocks)]
+
+
+def _orthonormalise_deficient(layers_blocks: list[list[torch.Tensor]]) -> list[list[torch.Tensor]] | None:
+    """Orthonormal bases of each layer's Y when its columns are (numerically) dependent: the eigenvectors of
+    Y^T Y with non-negligible eigenvalues, refined by one Cholesky step. The basis has fewer columns (the rank of A
+    in the directions tried), and its memory is Y's, not that of a dense A. None if some Y is entirely zero."""
+    out = []
+    for blocks in layers_blocks:
+        lam, v = torch.linalg.eigh(_gram(blocks))
+        keep = lam > _RANK_EPS**2 * lam[-1].clamp_min(0)
+        if lam[-1] <= 0 or not bool(keep.any()):
+            return None
+        t = v[:, keep] / lam[keep].sqrt()
+        blocks = [b @ t for b in blocks]
+        r = torch.linalg.cholesky(_gram(blocks), upper=True)  # close to I: well conditioned
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        out.append([b @ torch.linalg.solve_triangular(r, eye, upper=True) for b in blocks])
+    return out
 
 
 def _start(layer: _Layer, width: int) -> torch.Tensor:
@@ -159,16 +190,19 @@ def power_iterations(layers: list[_Layer]) -> int:
     return int(max(layer.m / (layer.m + layer.state.n_seen) for layer in layers) > YOUNG_SHARE)
 
 
-def _randomised(layers: list[_Layer], k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Top-k singular values and right singular vectors of each layer's A; None if a basis was rank-deficient."""
+def _randomised(layers: list[_Layer], k: int, deficient: bool = False) -> tuple[list, list] | None:
+    """Top-k singular values and right singular vectors of each layer's A (fewer where A has a lower rank in the
+    directions tried, with `deficient`); None if a basis was rank-deficient (then: again with `deficient`, one
+    layer at a time) or, with `deficient`, A is zero."""
+    orthonormalise = _orthonormalise_deficient if deficient else _orthonormalise
     width = k + EXTRA_RANDOM_DIRECTIONS
     zs = [_start(layer, width) for layer in layers]
-    q = _orthonormalise([layer.times(z) for layer, z in zip(layers, zs)])
+    q = orthonormalise([layer.times(z) for layer, z in zip(layers, zs)])
     for _ in range(power_iterations(layers)):
         if q is None:
             return None
-        z = _orthonormalise([[layer.transposed_times(qj)] for layer, qj in zip(layers, q)])
-        q = None if z is None else _orthonormalise([lay.times(zj[0].float()) for lay, zj in zip(layers, z)])
+        z = orthonormalise([[layer.transposed_times(qj)] for layer, qj in zip(layers, q)])
+        q = None if z is None else orthonormalise([lay.times(zj[0].float()) for lay, zj in zip(layers, z)])
     if q is None:
         return None
     b = torch.stack([layer.transposed_times(qj).mT for layer, qj in zip(layers, q)])  # B = Q^T A, (L, c, n)
@@ -176,7 +210,7 @@ def _randomised(layers: list[_Layer], k: int) -> tuple[torch.Tensor, torch.Tenso
     lam, u = lam.flip(-1)[:, :k], u.flip(-1)[..., :k]
     s = lam.clamp_min(0).sqrt()
     vh = (u.mT @ b) / s.clamp_min(1e-300).unsqueeze(-1)  # rows B^T u / s: the right singular vectors
-    return s.float(), vh.float()
+    return list(s.float()), list(vh.float())
 
 
 def _exact(layers: list[_Layer], k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -188,13 +222,26 @@ def _exact(layers: list[_Layer], k: int) -> tuple[list[torch.Tensor], list[torch
     return svs, vhs
 
 
+def _one_by_one(layers: list[_Layer], k: int) -> tuple[list, list]:
+    """Layers whose A is rank-deficient in the directions tried: the same randomised update on a basis of the
+    lower rank, layer by layer (memory as in the usual update, never a dense A); a zero A (every token equal, no
+    history) takes the exact path, which is then as small as the batch."""
+    svs, vhs = [], []
+    for layer in layers:
+        found = _randomised([layer], k, deficient=True)
+        sv, vh = ([found[0][0]], [found[1][0]]) if found is not None else _exact([layer], k)
+        svs += sv
+        vhs += vh
+    return svs, vhs
+
+
 def _merge_moments(layer: _Layer) -> None:
     """Fold the batch's mean and total variance into the state (float64; usually one pass over X for the variance)."""
-    s, m, mu = layer.state, layer.m, layer.mu
+    s, m, mu, mu_x = layer.state, layer.m, layer.mu, layer.mu_x
     raw = float(torch.linalg.vector_norm(layer.x)) ** 2
-    ss_b = raw - m * float(mu @ mu)
+    ss_b = raw - m * float(mu_x @ mu_x)
     if ss_b < 1e-2 * raw:  # the mean carries over 99% of the second moment: subtracting would cancel, centre first
-        ss_b = float(torch.linalg.vector_norm(layer.x - mu.to(layer.x.dtype))) ** 2
+        ss_b = float(torch.linalg.vector_norm(layer.x - mu_x.to(layer.x.dtype))) ** 2
     n = s.n_seen
     if n == 0:
         s.mean, s.var = mu, torch.tensor(ss_b / m, dtype=torch.float64, device=mu.device)
@@ -218,8 +265,10 @@ def _update_bucket(group: list[PCAState], xs: list[torch.Tensor]) -> None:
     k, n = group[0].n_track, group[0].n_features
     layers = [_Layer(s, x.float()) for s, x in zip(group, xs)]
     small = min(min(layer.m for layer in layers) + 1 + (0 if layers[0].prev is None else k), n)
-    found = None if small <= k + EXTRA_RANDOM_DIRECTIONS else _randomised(layers, k)
-    svs, vhs = _exact(layers, k) if found is None else found
+    if small <= k + EXTRA_RANDOM_DIRECTIONS:
+        svs, vhs = _exact(layers, k)
+    else:
+        svs, vhs = _randomised(layers, k) or _one_by_one(layers, k)
     for layer, sv, vh in zip(layers, svs, vhs):
         s = layer.state
         _merge_moments(layer)

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import JobConfig
-from .errors import ConfigError
+from .errors import ConfigError, DistributedError, EvapipeError
+from .joblock import POLL_S
 
 if TYPE_CHECKING:
     import torch
@@ -95,32 +98,94 @@ def cached_result(key: str, paths: list[Path], start: float) -> JobResult | None
     return JobResult(hit, None, time.perf_counter() - start, [], cached=True)
 
 
+@dataclass
+class Plan:
+    """What rank 0 decided before the work, and every rank follows: the job's key, where the state goes, whether
+    it is a cache hit. Node-local copies of a model can hash differently on other ranks, so only rank 0's counts."""
+
+    job: dict[str, Any]
+    paths: list[Path]
+    cached: JobResult | None = None
+
+
+def plan_job(cfg: JobConfig, force: bool, start: float, waiting: Callable[[], None] = lambda: None) -> tuple[Plan, Any]:
+    """Rank 0's plan, and the store entry's lock it now holds (None without a store): the lock is taken before the
+    cache lookup, so a second run of a job still computing waits for it and then takes its state."""
+    from .joblock import acquire
+    from .store import job_identity, lock_path
+
+    job = job_identity(cfg)
+    paths = output_paths(cfg, job["key"])
+    if not cfg.output.store:
+        return Plan(job, paths), None
+    lock = acquire(lock_path(cfg.output.store, cfg, job["key"]), f"store key {job['key']}", waiting,
+                   min(POLL_S, cfg.distributed.timeout_s / 4))
+    try:
+        return Plan(job, paths, None if force else cached_result(job["key"], paths, start)), lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def agreed_plan(cfg: JobConfig, comm: Comm, force: bool, start: float) -> tuple[Plan, Any]:
+    """plan_job on rank 0, broadcast to every rank; while rank 0 waits for the store lock it broadcasts "wait"
+    every few seconds, so the others never sit in one collective for longer than distributed.timeout_s."""
+    if not comm.is_main:
+        while True:
+            message = comm.broadcast(None)
+            if message[0] == "error":
+                raise message[1]
+            if message[0] == "plan":
+                return message[1], None
+    try:
+        plan, lock = plan_job(cfg, force, start, waiting=lambda: comm.broadcast(("wait",)))
+    except Exception as err:
+        comm.broadcast(("error", err if isinstance(err, EvapipeError) else DistributedError(f"rank 0: {err}")))
+        raise
+    comm.broadcast(("plan", plan))
+    return plan, lock
+
+
 def run_job(cfg: JobConfig, show_progress: bool = True, force: bool = False, restart: bool = False) -> JobResult:
     """Run a validated job config; rank 0 writes the state file and returns it.
 
     With output.store, a state already stored for the same job is returned at once (JobResult.cached, .state None:
-    load_state(result.path)) unless `force`. A checkpoint beside the output (output.checkpoint_every) is resumed
-    from; one of another config or world size is refused unless `restart` discards it.
+    load_state(result.path)) unless `force`; a job with the same key running elsewhere is waited for first. A
+    checkpoint beside the output (output.checkpoint_every) is resumed from; one of another config or world size is
+    refused unless `restart` discards it.
     """
-    from .store import job_identity
+    from .store import world_size
 
     start = time.perf_counter()
     setup_logging(int(os.environ.get("RANK", "0")))  # the launcher's rank: the process group's, before it exists
-    job = job_identity(cfg)
-    paths = output_paths(cfg, job["key"])
-    if cfg.output.store and not force:
-        cached = cached_result(job["key"], paths, start)
-        if cached is not None:
-            return cached
+    lock, comm = None, None
+    try:
+        if world_size() == 1:  # one process: a cache hit answers without importing torch
+            plan, lock = plan_job(cfg, force, start)
+            if plan.cached is not None:
+                return plan.cached
+            comm = _join(cfg)
+        else:
+            comm = _join(cfg)
+            plan, lock = agreed_plan(cfg, comm, force, start)
+            if plan.cached is not None:
+                return plan.cached
+        from .distributed import local_device
 
+        return _compute(cfg, comm, local_device(cfg.model.device), plan.job, plan.paths, show_progress, restart, start)
+    finally:
+        if lock is not None:
+            lock.release()
+        if comm is not None:
+            comm.close()
+
+
+def _join(cfg: JobConfig) -> Comm:
     from .distributed import init_comm, local_device
 
-    device = local_device(cfg.model.device)
-    comm = init_comm(device, cfg.distributed.timeout_s, cfg.distributed.backend)
-    try:
-        return _compute(cfg, comm, device, job, paths, show_progress, restart, start)
-    finally:
-        comm.close()
+    comm = init_comm(local_device(cfg.model.device), cfg.distributed.timeout_s, cfg.distributed.backend)
+    setup_logging(comm.rank)
+    return comm
 
 
 @dataclass
@@ -131,10 +196,12 @@ class _Loaded:
     rows: Any  # a datasets.Dataset
     collate: Any  # rows -> a batch (data.make_collator)
     kind: str
+    skipped: int  # rows left out because a used column was null
+    fingerprint: str | None  # of the data's used columns: on rank 0, taken before the work
 
 
 def _load(cfg: JobConfig, comm: Comm, device: torch.device) -> _Loaded:
-    from .data import load_rows, make_collator
+    from .data import data_columns, dataset_fingerprint, load_task_data, make_collator
     from .engine import EvaRun
     from .models import load_model, load_processor
 
@@ -145,14 +212,15 @@ def _load(cfg: JobConfig, comm: Comm, device: torch.device) -> _Loaded:
     log.info("loading %s on %s (world size %d)", cfg.model.name_or_path, device, comm.world)
     model, kind = load_model(cfg.model, device)
     processor = load_processor(cfg.model, kind)
-    rows = load_rows(cfg.data, kind)
+    rows, skipped = load_task_data(cfg.data, kind)
+    # once, before the work, in bounded memory: a failure here costs nothing computed yet
+    fingerprint = dataset_fingerprint(rows, data_columns(cfg.data, kind)) if comm.is_main else None
     run = EvaRun(model, cfg.eva, comm, forward_fn, model_fn, layer_fn)
-    return _Loaded(run, rows, make_collator(processor, cfg.data, kind), kind)
+    return _Loaded(run, rows, make_collator(processor, cfg.data, kind), kind, skipped, fingerprint)
 
 
 def _provenance(cfg: JobConfig, job: dict[str, Any], loaded: _Loaded) -> dict[str, Any]:
     """The metadata a job adds to the engine's: task, store key, where the model and the data came from."""
-    from .data import data_columns, dataset_fingerprint
     from .models import model_info
 
     model = model_info(loaded.run.source.model, cfg.model.name_or_path, cfg.model.revision)
@@ -163,7 +231,7 @@ def _provenance(cfg: JobConfig, job: dict[str, Any], loaded: _Loaded) -> dict[st
         "model": model | {"dtype": cfg.model.dtype, "quantization": cfg.model.quantization, "kind": loaded.kind},
         "dataset": {
             "id": d.path, "name": d.name, "split": d.split, "samples": len(loaded.rows),
-            "fingerprint": dataset_fingerprint(loaded.rows, data_columns(d, loaded.kind)), "max_length": d.max_length,
+            "skipped_null_rows": loaded.skipped, "fingerprint": loaded.fingerprint, "max_length": d.max_length,
         },
     }
 
@@ -183,8 +251,9 @@ def _compute(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[str, An
     run = loaded.run
     log.info("%d samples, %d target layers, rank budget %d", len(loaded.rows), len(run.names), run.budget)
     snapshot = checkpoint.resume(ckpt, comm, job, restart)
-    if snapshot is not None:
-        run.restore(snapshot)
+    with collectively(comm):  # a checkpoint that cannot be restored on one rank stops every rank
+        if snapshot is not None:
+            run.restore(snapshot)
     batches = (b for _, b in rank_batches(loaded.rows, loaded.collate, cfg.data, comm.world, comm.rank, run.progress.step))
     every, max_batches = cfg.output.checkpoint_every, cfg.eva.max_batches
 
@@ -194,7 +263,8 @@ def _compute(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[str, An
             checkpoint.save(ckpt, r.snapshot(), comm, job)
 
     with torch.no_grad():
-        run.run(batches, show_progress=show_progress, on_step=on_step)
+        run.run(batches, show_progress=show_progress, on_step=on_step,
+                pass_steps=math.ceil(len(loaded.rows) / (cfg.data.batch_size * comm.world)))
     state, path = None, None
     with collectively(comm):  # e.g. rank 0 cannot write: every rank exits non-zero with its message
         state = run.result(_provenance(cfg, job, loaded))

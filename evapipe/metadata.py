@@ -5,7 +5,10 @@ Format versions (`format_version`; the loader reads every one evapipe has shippe
   2  adds `store_key` (the store key of the job that computed it, or null), `layer_alpha` (each layer's alpha
      before rank scaling, so re-budgeting gives every layer its own alpha back) and `spectrum_id`; `layer_r` is
      always present.
-  Mixture-of-experts states (eva.target_parameters) are version 2 files with more layers and keys: each expert is
+  3  adds `checksum`: sha256 of the other metadata entries and of the tensors (the sidecar carries its tensors'
+     one), required from this version on (state.py checks it on the raw file; parsed metadata never carries it),
+     so a changed byte is an error, never a different state.
+  Mixture-of-experts states (eva.target_parameters) are files of this layout with more layers and keys: each expert is
   a layer named `<parameter>[<expert>]`, and `target_parameters`, `experts`, `expert_tokens` and `unrouted` say
   which (see evapipe.experts). A state without them is one without experts, so no migration.
 
@@ -25,7 +28,8 @@ from typing import Any
 from .errors import StateError
 
 FORMAT = "evapipe.eva"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+SEALED_SINCE = 3  # format_version from which a state file must carry its checksum
 # what every state has once migrated to FORMAT_VERSION (readers such as report and rebudget rely on these)
 REQUIRED_KEYS = (
     "task", "r", "lora_alpha", "ranks", "in_features", "layer_r", "layer_alpha", "rank_pattern", "alpha_pattern",
@@ -132,8 +136,13 @@ def _v1_to_v2(meta: dict[str, Any]) -> dict[str, Any]:
             "spectrum_id": None}
 
 
+def _v2_to_v3(meta: dict[str, Any]) -> dict[str, Any]:
+    """v2 is v3 without the checksum, which is checked on the raw file and never carried in parsed metadata."""
+    return {**meta, "format_version": 3}
+
+
 # format_version -> function upgrading that version's parsed metadata to the next version
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def migrate(meta: dict[str, Any], path: str | Path = "state") -> dict[str, Any]:

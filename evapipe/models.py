@@ -94,8 +94,8 @@ def _quantization(cfg: ModelConfig, dtype: torch.dtype, kind: str) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
-def load_model(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, str]:
-    """The frozen model in eval mode on `device`, and its kind."""
+def _resolve(cfg: ModelConfig, num_labels: int | None) -> tuple[str, Any, str, Any]:
+    """(local path or hub id, transformers config, kind, model class) for `cfg`; `num_labels` sizes a new head."""
     from transformers import AutoConfig
 
     path = resolve_model_path(cfg.name_or_path)
@@ -105,10 +105,33 @@ def load_model(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, str]:
     except OSError as err:
         raise ConfigError(f"cannot load model config from `{cfg.name_or_path}`: {err}") from None
     kind = model_kind(hf_config, cfg.kind)
-    cls = model_class(hf_config, kind)
+    if num_labels is not None:
+        check_num_labels(hf_config, kind, num_labels)
+        hf_config.num_labels = num_labels
+    return path, hf_config, kind, model_class(hf_config, kind)
+
+
+def check_num_labels(hf_config: Any, kind: str, num_labels: int) -> None:
+    """`num_labels` sizes a new classifier head: only for classifier kinds, and never unlike a trained head's."""
+    arch = (getattr(hf_config, "architectures", None) or [""])[0]
+    if kind not in HEAD_KINDS:
+        raise ConfigError(f"--num-labels (num_labels) sizes a classifier head; model kind {kind} has none "
+                          f"(ask for one with --kind {' or --kind '.join(HEAD_KINDS)})")
+    if num_labels < 1:
+        raise ConfigError(f"--num-labels must be at least 1, got {num_labels}")
+    if model_kind(hf_config, "auto") == kind and hf_config.num_labels != num_labels:
+        raise ConfigError(f"the model is a {arch} with {hf_config.num_labels} labels, not {num_labels}; leave out "
+                          "--num-labels to keep its trained head")
+
+
+def load_model(cfg: ModelConfig, device: torch.device, num_labels: int | None = None) -> tuple[nn.Module, str]:
+    """The frozen model in eval mode on `device`, and its kind. `num_labels` sizes the new head of a classifier
+    kind loaded from a checkpoint without one (a bare encoder loaded as seq-cls)."""
+    path, hf_config, kind, cls = _resolve(cfg, num_labels)
     dtype = getattr(torch, cfg.dtype)
     quant = _quantization(cfg, dtype, kind)
-    load_kw: dict[str, Any] = dict(kw, dtype=dtype)
+    load_kw: dict[str, Any] = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+                                   config=hf_config)
     if quant is not None:
         load_kw.update(quantization_config=quant, device_map={"": device})
     model = cls.from_pretrained(path, **load_kw)
@@ -116,6 +139,18 @@ def load_model(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, str]:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    return model, kind
+
+
+def model_skeleton(cfg: ModelConfig, num_labels: int | None = None) -> tuple[nn.Module, str]:
+    """The model `load_model` would load, built on the meta device: every module's name and shape, and no weight
+    read from disk or held in memory."""
+    _, hf_config, kind, cls = _resolve(cfg, num_labels)
+    with torch.device("meta"):
+        if hasattr(cls, "from_config"):  # an Auto class
+            model = cls.from_config(hf_config, trust_remote_code=cfg.trust_remote_code)
+        else:
+            model = cls._from_config(hf_config)
     return model, kind
 
 

@@ -52,7 +52,7 @@ class PCAPool:
         dtype = next(iter(tokens.values())).dtype if tokens else torch.float32
         local = {o: tokens.get(o, torch.empty(0, self.width[o], device=self.device, dtype=dtype)) for o in groups}
         t0 = time.perf_counter()
-        routed = self.comm.route({o: v.to(self.comm.device) for o, v in local.items()}, self.owner_rank)
+        routed = self.comm.route(local, self.owner_rank)  # moves them to the collective device; failures agreed
         self.comm_s += time.perf_counter() - t0
         return {o: v for o, v in routed.items() if o in self.states}
 

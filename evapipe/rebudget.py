@@ -15,7 +15,7 @@ from .assemble import assemble_state
 from .errors import ConfigError, StateError
 from .metadata import utc_now
 from .planning import Layout, allocate, component_caps, groups_with_singles
-from .state import EvaState, load_state
+from .state import EvaState, load_state, refuse_existing
 
 
 def shared_groups(meta: dict[str, Any]) -> list[list[str]]:
@@ -67,10 +67,13 @@ def rebudget(state: EvaState, r: int, rho: float | None = None) -> EvaState:
     return assemble_state(new, state.spectrum, owner)
 
 
-def rebudget_file(state_path: str | Path, output: str | Path, r: int, rho: float | None = None) -> EvaState:
-    """`evapipe rebudget`: load a state with its spectrum, re-budget it and write the result to `output`."""
+def rebudget_file(state_path: str | Path, output: str | Path, r: int, rho: float | None = None,
+                  overwrite: bool = False) -> EvaState:
+    """`evapipe rebudget`: load a state with its spectrum, re-budget it and write the result to `output` (an
+    existing file only with `overwrite`)."""
     if Path(output).resolve() == Path(state_path).resolve():
         raise ConfigError("--output must differ from --state (the original keeps the spectrum's provenance)")
+    refuse_existing(output, overwrite)
     new = rebudget(load_state(state_path), r, rho)
     new.save(output)
     return new

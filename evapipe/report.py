@@ -41,21 +41,26 @@ def _ratio(value: float | None) -> str:
 
 
 def job_summary(state: Any, rank_stats: Sequence[Any], seconds: float, path: Path) -> str:
-    """One screen: ranks per layer, tokens, per-rank work, time, where the file went."""
+    """One screen: LoRA ranks per layer, tokens, each process's work, time, where the file went. "rank" here is
+    only ever the LoRA rank; processes are named processes (their torch.distributed rank is the number)."""
     meta = state.meta
     ranks = list(meta["ranks"].values())
     out = ["", layer_table(meta), ""]
     out.append(
-        f"total rank {sum(ranks)} over {len(ranks)} layers (budget {sum(meta['layer_r'].values())}, "
-        f"{sum(1 for r in ranks if r == 0)} layers at rank 0); {meta['tokens']} tokens in {meta['batches']} batches"
+        f"total LoRA rank {sum(ranks)} over {len(ranks)} layers (budget {sum(meta['layer_r'].values())}, "
+        f"{sum(1 for r in ranks if r == 0)} layers at LoRA rank 0, without an adapter); {meta['tokens']} tokens in "
+        f"{meta['batches']} batches"
     )
+    skipped = (meta.get("dataset") or {}).get("skipped_null_rows")
+    if skipped:
+        out.append(f"{skipped} rows with a null text skipped (see data.text_field / prompt_field / messages_field)")
     unrouted = meta.get("unrouted") or []
     if unrouted:
         out.append(f"{len(unrouted)} experts received no token (rank 0): {', '.join(unrouted[:4])}"
                    + (" ..." if len(unrouted) > 4 else ""))
     for st in rank_stats:
         out.append(
-            f"rank {st.rank}: {st.tokens} tokens, forward {st.forward_s:.2f}s, SVD {st.svd_s:.2f}s "
+            f"process {st.rank}: {st.tokens} tokens, forward {st.forward_s:.2f}s, SVD {st.svd_s:.2f}s "
             f"({len(st.owned)} PCAs, {st.pca_tokens} token rows), comm {st.comm_s:.2f}s"
         )
     out.append(f"done in {seconds:.1f}s -> {path}")

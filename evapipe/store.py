@@ -16,12 +16,14 @@ import json
 import logging
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import DataConfig, JobConfig, ModelConfig
-from .errors import StateError
+from .errors import ConfigError, StateError
 from .sources import VOLATILE_CONFIG_KEYS, data_files, files_under, resolve_data_path, resolve_model_path
 from .state import FORMAT, read_header, read_metadata, spectrum_path
 
@@ -101,8 +103,27 @@ def key_parts(cfg: JobConfig, world: int | None = None) -> dict[str, Any]:
         "model": model_part(cfg.model),
         "data": data_part(cfg.data, world or world_size()),
         "eva": eva,
-        "hooks": dataclasses.asdict(cfg.hooks),
+        "hooks": {k: hook_identity(v) for k, v in dataclasses.asdict(cfg.hooks).items()},
     }
+
+
+def hook_identity(spec: str | None) -> Any:
+    """A hook named `module:function`, keyed by its module's source: editing the hook changes the key. The module
+    file is found on sys.path without importing anything (a cache hit stays free of torch)."""
+    if spec is None:
+        return None
+    source = _module_file(spec.partition(":")[0])
+    return {"spec": spec, "source": None if source is None else _file_sha(source).hexdigest()[:32]}
+
+
+def _module_file(module: str) -> Path | None:
+    parts = module.split(".")
+    for root in sys.path:
+        base = Path(root or ".").joinpath(*parts)
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 def job_identity(cfg: JobConfig, world: int | None = None) -> dict[str, Any]:
@@ -137,22 +158,44 @@ def model_slug(name_or_path: str) -> str:
 
 
 def state_dir(store: str | Path, cfg: JobConfig, key: str) -> Path:
+    from .config import plain_name
+
+    if not plain_name(cfg.task):  # also for configs built without validation: never a path out of the store
+        raise ConfigError(f"`task` must be a plain name (no '/', '\\', '..' or leading '.'), got {cfg.task!r}")
     return Path(store) / cfg.task / model_slug(cfg.model.name_or_path) / key
 
 
+def lock_path(store: str | Path, cfg: JobConfig, key: str) -> Path:
+    """The lock of one store entry: in the store's hidden `.locks/` folder, so the entry holds only its files."""
+    entry = state_dir(store, cfg, key)
+    return Path(store) / ".locks" / f"{cfg.task}--{entry.parent.name}--{key}.lock"
+
+
 def lookup(path: Path, key: str) -> Path | None:
-    """The stored state at `path` if it is readable and was computed for `key`; None means: compute it."""
+    """The stored state at `path` if it is readable and was computed for `key`; None means: compute it.
+
+    Anything else found there is kept aside (renamed, never deleted) so the recomputed state cannot overwrite it.
+    """
     if not path.is_file():
         return None
     try:
         meta = read_metadata(path)
     except StateError as err:
-        log.warning("ignoring the unreadable stored state %s (%s); computing it again", path, err)
+        log.warning("the stored state %s is unreadable (%s); keeping it as %s and computing it again", path, err,
+                    set_aside(path).name)
         return None
     if meta.get("store_key") != key:
-        log.warning("%s was computed for store key %s, not %s; computing it again", path, meta.get("store_key"), key)
+        log.warning("%s was computed for store key %s, not %s; keeping it as %s and computing it again", path,
+                    meta.get("store_key"), key, set_aside(path).name)
         return None
     return path
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a stored file out of the way (`eva.safetensors.unreadable-<UTC time>`), keeping its content."""
+    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    os.replace(path, aside)
+    return aside
 
 
 @dataclass

@@ -44,12 +44,13 @@ def rows(name: str) -> list[dict]:
     return [json.loads(line) for line in Path(resolve_data_path(f"builtin:{name}")).read_text().splitlines()]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[float]:
+    """Train; return the logged training losses."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "minilm-intents")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     path = resolve_model_path("builtin:minilm")
     tok = AutoTokenizer.from_pretrained(path)
@@ -89,7 +90,7 @@ def main() -> None:
         model=model,
         args=TrainingArguments(
             output_dir=str(args.out / "trainer"), max_steps=args.steps, per_device_train_batch_size=8,
-            learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=5, save_strategy="no",
+            learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=min(5, args.steps), save_strategy="no",
             report_to="none", use_cpu=True, seed=0, per_device_eval_batch_size=60,
         ),
         train_dataset=encode(train_rows),
@@ -115,6 +116,7 @@ def main() -> None:
     print(f"saved {adapter}; reloaded with AutoPeftModelForSequenceClassification: same predictions = {same}")
     if not same:
         raise SystemExit("the reloaded adapter does not reproduce the trained model")
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
 
 if __name__ == "__main__":

@@ -173,3 +173,43 @@ def tiny_job(llama_dir: str, task: str = "t", **sections) -> dict:
     for name, values in sections.items():
         job[name] = {**job.get(name, {}), **values} if isinstance(values, dict) else values
     return job
+
+
+def job_state(tmp_path: Path, *overrides: str) -> Path:
+    """A small MiniLM state from the default job config (few batches; unconverged layers kept with a warning)."""
+    from evapipe import load_config, run_job
+
+    out = tmp_path / "eva.safetensors"
+    cfg = load_config(REPO / "configs" / "default.yaml", [
+        f"output.path={out}", "data.max_samples=64", "data.max_length=48", "eva.r=4", "eva.max_batches=6",
+        "eva.on_unconverged=warn", *overrides,
+    ])
+    run_job(cfg, show_progress=False)
+    return out
+
+
+def support_rows() -> list[dict]:
+    return [json.loads(line) for line in (ASSETS / "support_intents.jsonl").read_text().splitlines()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+N_CHAT_ROWS = 32
+
+
+def chat_data(tmp: Path) -> str:
+    """Conversations; one assistant reply repeats its user's message word for word, one has two assistant turns."""
+    rows = []
+    for i, r in enumerate(support_rows()[:N_CHAT_ROWS]):
+        messages = [{"role": "system", "content": "You sort support messages."},
+                    {"role": "user", "content": r["text"][:80]},
+                    {"role": "assistant", "content": f"This is about {r['label']}."}]
+        if i % 4 == 0:
+            messages += [{"role": "user", "content": r["label"]}, {"role": "assistant", "content": r["label"]}]
+        rows.append({"messages": messages})
+    return write_jsonl(tmp / "chat.jsonl", rows)
+
+

@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import MINILM_TARGETS, REPO, text_batches
-from evapipe import load_config, load_state, run_job
+from conftest import MINILM_TARGETS, job_state, text_batches
+from evapipe import load_state
 from evapipe.apply import apply_eva_state, check_output, lora_config_for, state_from_peft, to_peft_state_dict
 from evapipe.cli import main
 from evapipe.config import ModelConfig
@@ -21,17 +21,6 @@ from evapipe.state import EvaState
 
 CPU = torch.device("cpu")
 RANK0 = "encoder.layer.5.output.dense"
-
-
-def job_state(tmp_path, *overrides: str):
-    """A small state from the default job config (few batches; unconverged layers kept with a warning)."""
-    out = tmp_path / "eva.safetensors"
-    cfg = load_config(REPO / "configs" / "default.yaml", [
-        f"output.path={out}", "data.max_samples=64", "data.max_length=48", "eva.r=4", "eva.max_batches=6",
-        "eva.on_unconverged=warn", *overrides,
-    ])
-    run_job(cfg, show_progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +318,7 @@ def test_cli_errors_write_nothing(minilm_state, tiny_llama_dir, tmp_path):
     out = tmp_path / "adapter"
     args = ["apply", "--state", str(minilm_state), "--output", str(out), "--device", "cpu"]
     result = runner.invoke(main, args + ["--model", tiny_llama_dir])
-    assert result.exit_code == 2 and "does not fit this LlamaModel" in result.output
+    assert result.exit_code == 2 and "does not fit this LlamaForCausalLM" in result.output  # --model: its own class
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     result = runner.invoke(main, args + ["--load-in-4bit", "--load-in-8bit"])
     assert result.exit_code == 2 and "exclude each other" in result.output

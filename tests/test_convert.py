@@ -40,11 +40,11 @@ def test_peft_dict_round_trips_with_its_key_style(tmp_path):
     for prefix in (False, True):
         sd = {(PEFT_PREFIX if prefix else "") + k: v for k, v in plain.items()}
         torch.save(sd, tmp_path / "in.pt")
-        convert_file(tmp_path / "in.pt", tmp_path / "s.safetensors", r=4)
+        convert_file(tmp_path / "in.pt", tmp_path / "s.safetensors", r=4, overwrite=True)
         state = load_state(tmp_path / "s.safetensors")
         assert state.ranks == {"enc.0.q": 3, "enc.0.v": 0, "enc.1.q": 5} and "enc.0.v" not in state.tensors
         assert state.meta["alpha_pattern"] == {"enc.0.q": 6.0, "enc.0.v": 0.0, "enc.1.q": 10.0}  # 8 * rank / 4
-        convert_file(tmp_path / "s.safetensors", tmp_path / "out.pt", prefix=prefix)
+        convert_file(tmp_path / "s.safetensors", tmp_path / "out.pt", prefix=prefix, overwrite=True)
         out = torch.load(tmp_path / "out.pt", weights_only=True)
         assert list(out) == list(sd) and all(torch.equal(out[k], sd[k]) for k in sd)
 

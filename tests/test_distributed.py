@@ -54,8 +54,9 @@ def launch(*args: str, within_s: float = RUN_WITHIN_S) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
-def torchrun(*args: str, within_s: float = RUN_WITHIN_S) -> subprocess.CompletedProcess:
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+def torchrun(*args: str, within_s: float = RUN_WITHIN_S, max_restarts: int = 0) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                "--max-restarts", str(max_restarts)]
     return launch(*launcher, *args, within_s=within_s)
 
 
@@ -133,7 +134,7 @@ def test_plain_python_is_one_process(minilm_runs):
     tmp, one, _ = minilm_runs
     assert one.returncode == 0, one.stdout[-3000:]
     assert read_metadata(tmp / "one.safetensors")["world_size"] == 1
-    assert "rank 0:" in one.stdout and "rank 1:" not in one.stdout
+    assert "process 0:" in one.stdout and "process 1:" not in one.stdout
 
 
 def test_accelerate_two_processes_match_one(minilm_runs):
@@ -142,7 +143,7 @@ def test_accelerate_two_processes_match_one(minilm_runs):
     assert_same_state(tmp / "one.safetensors", tmp / "two.safetensors")
     assert read_metadata(tmp / "two.safetensors")["batches"] == 12  # past the step where rank 1 had nothing
     # the end-of-job summary shows each rank's tokens, forward time and SVD time
-    lines = [ln for ln in two.stdout.splitlines() if ln.startswith(("rank 0:", "rank 1:"))]
+    lines = [ln for ln in two.stdout.splitlines() if ln.startswith(("process 0:", "process 1:"))]
     assert len(lines) == 2 and all("tokens" in ln and "forward" in ln and "SVD" in ln for ln in lines)
 
 

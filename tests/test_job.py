@@ -185,3 +185,20 @@ def test_crash_during_write_keeps_old_state(tmp_path, default_state, monkeypatch
         state.save(target)
     assert target.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_summary_names_processes_as_processes(tmp_path):
+    """"rank" in the summary is only the LoRA rank; each process's line says "process N"."""
+    from types import SimpleNamespace
+
+    from evapipe.report import job_summary
+
+    meta = {"ranks": {"a": 0, "b": 4}, "layer_r": {"a": 2, "b": 2}, "tokens": 30, "batches": 2, "lora_alpha": 2,
+            "alpha_pattern": {}, "explained_variance": {}, "converged": {"a": True, "b": True},
+            "in_features": {"a": 8, "b": 8}}
+    stats = [SimpleNamespace(rank=r, tokens=15, forward_s=0.1, svd_s=0.2, owned=["b"], pca_tokens=15, comm_s=0.0)
+             for r in (0, 1)]
+    text = job_summary(SimpleNamespace(meta=meta), stats, 1.0, tmp_path / "x")
+    assert "1 layers at LoRA rank 0" in text and "total LoRA rank 4" in text
+    assert [ln.split(":")[0] for ln in text.splitlines() if ln.startswith("process")] == ["process 0", "process 1"]
+    assert not [ln for ln in text.splitlines() if ln.startswith("rank ")]

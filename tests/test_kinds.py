@@ -6,14 +6,12 @@ under the label mask, encoder and decoder layers each count their own side's tok
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import REPO, write_image_folder
+from conftest import REPO, chat_data, support_rows, write_image_folder, write_jsonl
 from evapipe import load_config, load_state, run_job
 from evapipe.capture import Capture
 from evapipe.cli import main as cli
@@ -25,31 +23,9 @@ N_ROWS, BATCH = 32, 8
 PATCHES = (32 // 8) ** 2  # tiny ViT: 32x32 images, 8x8 patches
 
 
-def support_rows() -> list[dict]:
-    return [json.loads(line) for line in (REPO / "evapipe/assets/support_intents.jsonl").read_text().splitlines()]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def hellaswag_like(tmp):
     """HellaSwag's `ctx` column, support texts as contexts."""
     return write_jsonl(tmp / "ctx.jsonl", [{"ctx": r["text"]} for r in support_rows()[:N_ROWS]])
-
-
-def chat_data(tmp):
-    """Conversations; one assistant reply repeats its user's message word for word, one has two assistant turns."""
-    rows = []
-    for i, r in enumerate(support_rows()[:N_ROWS]):
-        messages = [{"role": "system", "content": "You sort support messages."},
-                    {"role": "user", "content": r["text"][:80]},
-                    {"role": "assistant", "content": f"This is about {r['label']}."}]
-        if i % 4 == 0:
-            messages += [{"role": "user", "content": r["label"]}, {"role": "assistant", "content": r["label"]}]
-        rows.append({"messages": messages})
-    return write_jsonl(tmp / "chat.jsonl", rows)
 
 
 # example config, tiny architecture, data (None: the config's own builtin data), data overrides

@@ -81,9 +81,9 @@ def _umask() -> int:
 
 
 @pytest.mark.parametrize("version, message", [
-    ("3", "format_version 3, newer than this evapipe reads \\(format_version 2\\)"),
+    ("4", "format_version 4, newer than this evapipe reads \\(format_version 3\\)"),
     ("99", "format_version 99, newer"),
-    ("0", "unknown format_version 0; this evapipe reads format_version 1, 2"),
+    ("0", "unknown format_version 0; this evapipe reads format_version 1, 2, 3"),
     ('"2"', "unknown format_version '2'"),
     ("true", "unknown format_version True"),
     ("null", "unknown format_version None"),

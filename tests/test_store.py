@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_state, read_metadata, run_job
 from evapipe.cli import main
+from evapipe.metadata import FORMAT_VERSION
 from evapipe.store import STATE_FILE, job_key, list_states, model_slug, state_dir
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -100,7 +101,7 @@ def test_store_layout_cache_hit_and_force(tmp_path, tiny_llama_dir, monkeypatch)
     expected = store / "t" / model_slug(tiny_llama_dir) / key / STATE_FILE
     assert first.path == expected == state_dir(store, cfg, key) / STATE_FILE and not first.cached
     meta = read_metadata(expected)
-    assert meta["store_key"] == key and meta["task"] == "t" and meta["format_version"] == 2
+    assert meta["store_key"] == key and meta["task"] == "t" and meta["format_version"] == FORMAT_VERSION
     before = expected.read_bytes()
 
     import evapipe.engine
@@ -169,7 +170,7 @@ def test_inspect_table_json_and_plot(tmp_path, tiny_llama_dir):
         assert "model.layers.0.self_attn.q_proj" in shown.output and "explained" in shown.output
         assert f"store key {state.state.meta['store_key']}" in shown.output
     as_json = json.loads(runner.invoke(main, ["inspect", "--json", str(state.path)]).output)
-    assert as_json["store_key"] == job_key(cfg_for(tiny_llama_dir, output={"path": "x"})) and as_json["format_version"] == 2
+    assert as_json["store_key"] == job_key(cfg_for(tiny_llama_dir, output={"path": "x"})) and as_json["format_version"] == FORMAT_VERSION
     png = tmp_path / "fig" / "layers.png"
     plotted = runner.invoke(main, ["inspect", str(state.path), "--plot", str(png)])
     assert plotted.exit_code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
