@@ -93,12 +93,29 @@ def load_model(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, str]:
     load_kw: dict[str, Any] = dict(kw, dtype=dtype)
     if quant is not None:
         load_kw.update(quantization_config=quant, device_map={"": device})
+    if cfg.offload == "device_map":
+        load_kw.update(device_map_kwargs(cfg, cls, hf_config, dtype))
     model = cls.from_pretrained(path, **load_kw)
-    if quant is None:
+    if quant is None and cfg.offload == "none":
         model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model, kind
+
+
+def device_map_kwargs(cfg: ModelConfig, cls: Any, hf_config: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained's big-model-inference arguments, with the budget and offload folder checked first."""
+    from .memory import check_budget, check_writable
+    from .onload import empty_model
+
+    kw: dict[str, Any] = {"device_map": cfg.device_map or "auto"}
+    if cfg.max_memory is not None:
+        check_budget(cfg.max_memory, empty_model(cls, hf_config, dtype))
+        # YAML may spell GPU indices as strings; accelerate wants them as ints
+        kw["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in cfg.max_memory.items()}
+    if cfg.offload_folder is not None:
+        kw["offload_folder"] = str(check_writable(cfg.offload_folder, "model.offload_folder"))
+    return kw
 
 
 def load_processor(cfg: ModelConfig, kind: str) -> Any:

@@ -243,7 +243,6 @@ def empty_model(cls: Any, config: Any, dtype: torch.dtype) -> nn.Module:
     """The model built from its config with every parameter on the meta device (buffers computed as usual)."""
     from accelerate import init_empty_weights
 
-    refuse_unsupported(config)
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls._from_config(config, dtype=dtype)
     model.eval()

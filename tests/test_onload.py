@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from evapipe.errors import ConfigError
-from evapipe.onload import BlockModel, block_list, empty_model
+from evapipe.onload import BlockModel, block_list, empty_model, refuse_unsupported
 
 
 def _tiny(kind: str, path) -> tuple[nn.Module, dict]:
@@ -118,11 +118,11 @@ def test_model_without_block_list_is_refused():
 
 
 def test_encoder_decoder_and_mixed_layer_types_are_refused():
-    from transformers import LlamaConfig, T5Config, T5ForConditionalGeneration
+    from transformers import LlamaConfig, T5Config
 
     with pytest.raises(ConfigError, match="encoder-decoder"):
-        empty_model(T5ForConditionalGeneration, T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64), torch.float32)
+        refuse_unsupported(T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64))
     cfg = LlamaConfig(num_hidden_layers=2)
     cfg.layer_types = ["sliding_attention", "full_attention"]
     with pytest.raises(ConfigError, match="layer types"):
-        empty_model(object, cfg, torch.float32)
+        refuse_unsupported(cfg)
