@@ -112,8 +112,9 @@ def run_job(cfg: JobConfig, show_progress: bool = True, force: bool = False, res
     from .data import data_columns, dataset_fingerprint, load_rows, make_collator, rank_batches
     from .distributed import init_comm, local_device
     from .engine import EvaRun
-    from .models import load_model, load_processor, model_info
+    from .models import load_blocks, load_model, load_processor, model_info
     from .report import job_summary
+    from .sequential import SequentialRun
 
     device = local_device(cfg.model.device)
     comm = init_comm(device, cfg.distributed.timeout_s, cfg.distributed.backend)
@@ -127,10 +128,15 @@ def run_job(cfg: JobConfig, show_progress: bool = True, force: bool = False, res
             model_fn = import_callable(hooks.prepare_model_inputs_fn, "hooks.prepare_model_inputs_fn")
             layer_fn = import_callable(hooks.prepare_layer_inputs_fn, "hooks.prepare_layer_inputs_fn")
             log.info("loading %s on %s (world size %d)", cfg.model.name_or_path, device, comm.world)
-            model, kind = load_model(cfg.model, device)
+            if cfg.model.offload == "sequential":
+                blocks, kind = load_blocks(cfg.model, device)
+                model = blocks.model
+                run = SequentialRun(blocks, cfg.eva, comm, forward_fn, model_fn, layer_fn, cfg.model.sequential_round)
+            else:
+                model, kind = load_model(cfg.model, device)
+                run = EvaRun(model, cfg.eva, comm, forward_fn, model_fn, layer_fn)
             processor = load_processor(cfg.model, kind)
             ds = load_rows(cfg.data, kind)
-            run = EvaRun(model, cfg.eva, comm, forward_fn, model_fn, layer_fn)
             collate = make_collator(processor, cfg.data, kind)
         except Exception as err:  # every rank stops with the first rank's error
             error = err

@@ -186,19 +186,21 @@ class EvaRun:
     def owners(self) -> list[str]:
         return [g[0] for g in self.progress.groups]
 
+    def token_selection(self, batch: Any) -> tuple[Any, TokenSelector | None]:
+        """What the capture hooks work with for a batch: the model input layer functions receive, and the selector
+        of the tokens that count (None with a custom prepare_model_inputs_fn: PEFT's semantics)."""
+        if self.prepare_model_inputs_fn is not None:
+            return self.prepare_model_inputs_fn(batch, settings_namespace(self.settings)), None
+        s = self.settings
+        masks = stream_masks(batch, s.use_label_mask, s.label_mask_value, self.streams.encoder_decoder)
+        return batch, (TokenSelector(masks, self.streams) if masks else None)
+
     # -- one step ----------------------------------------------------------------------------------------------
     def _forward(self, batch: Any, first: bool) -> dict[str, torch.Tensor]:
         if batch is None:
             return {}
         batch = to_device(batch, self.device)
-        if self.prepare_model_inputs_fn is not None:
-            self.capture.model_input = self.prepare_model_inputs_fn(batch, settings_namespace(self.settings))
-            self.capture.selector = None
-        else:
-            s = self.settings
-            masks = stream_masks(batch, s.use_label_mask, s.label_mask_value, self.streams.encoder_decoder)
-            self.capture.selector = TokenSelector(masks, self.streams) if masks else None
-            self.capture.model_input = batch
+        self.capture.model_input, self.capture.selector = self.token_selection(batch)
         t0 = time.perf_counter()
         with self.streams.watching():
             tokens = self.capture.run(lambda: self.forward_fn(self.model, batch), first=first)

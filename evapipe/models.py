@@ -103,6 +103,44 @@ def load_model(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, str]:
     return model, kind
 
 
+def load_blocks(cfg: ModelConfig, device: torch.device) -> tuple[Any, str]:
+    """The model for model.offload: sequential -- built without weights, what runs before its first block loaded
+    on `device`, its blocks left in the checkpoint (onload.BlockModel) -- and its kind."""
+    from transformers import AutoConfig
+
+    from .memory import check_budget
+    from .onload import BlockModel, empty_model, refuse_unsupported
+
+    folder = local_checkpoint(cfg)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        raise ConfigError(f"cannot load model config from `{cfg.name_or_path}`: {err}") from None
+    refuse_unsupported(hf_config)
+    kind = model_kind(hf_config, cfg.kind)
+    dtype = getattr(torch, cfg.dtype)
+    model = empty_model(model_class(hf_config, kind), hf_config, dtype)
+    if cfg.max_memory is not None:
+        check_budget(cfg.max_memory, model)
+    return BlockModel(model, folder, device, dtype), kind
+
+
+def local_checkpoint(cfg: ModelConfig) -> str:
+    """The folder holding the model's config and safetensors files: a local directory, or the hub snapshot of
+    those files only (no other weight formats are fetched)."""
+    from pathlib import Path
+
+    path = resolve_model_path(cfg.name_or_path)
+    if Path(path).expanduser().is_dir():
+        return str(Path(path).expanduser())
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, revision=cfg.revision, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as err:  # offline without a cached copy, unknown id, no access
+        raise ConfigError(f"cannot fetch `{cfg.name_or_path}` for model.offload: sequential: {err}") from None
+
+
 def device_map_kwargs(cfg: ModelConfig, cls: Any, hf_config: Any, dtype: torch.dtype) -> dict[str, Any]:
     """from_pretrained's big-model-inference arguments, with the budget and offload folder checked first."""
     from .memory import check_budget, check_writable
