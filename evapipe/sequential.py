@@ -20,14 +20,14 @@ PCA whose rank grew, so that its new components have not passed the cosine test)
 step and the next round starts at its batch. So the state equals the in-memory state on the same batches; what a
 round costs beyond that is the updates of PCAs after the batch where they converged (discarded).
 
-The shared-input groups and execution order come from one extra pass of the first batch through the blocks
-(rank 0, as in memory), before the first round: PCA owners are assigned over all groups at once.
+The shared-input groups and execution order come from one extra pass of the first batch's first sample through
+the blocks (rank 0, as in memory), before the first round, so that PCA owners are assigned over all groups at once.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -73,6 +73,19 @@ class _InFlight:
     call: BlockInputs | None
     selector: Any
     model_input: Any
+
+
+def first_rows(batch: Any) -> Any:
+    """The first sample of a batch (every tensor that shares the batch's leading size, sliced), for the layout
+    pass: which layers share an input and the order they run in show on one sample as on all."""
+    tensors = [batch] if isinstance(batch, torch.Tensor) else list(batch.values()) if isinstance(batch, Mapping) else []
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor) and t.ndim > 0]
+    if not tensors:
+        return batch
+    n = tensors[0].shape[0]
+    if isinstance(batch, torch.Tensor):
+        return batch[:1]
+    return {k: v[:1] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v for k, v in batch.items()}
 
 
 def _copy(s: ipca.PCAState) -> ipca.PCAState:
@@ -174,9 +187,9 @@ class SequentialRun(EvaRun):
         layout, first = None, self.progress.groups is None
         if error is None:
             try:
-                items = [self._enter(b) for b, _ in batches]
                 if first and self.comm.is_main:  # rank 0's layout for every rank, as in memory
-                    layout = self._layout(_InFlight(items[0].call, items[0].selector, items[0].model_input))
+                    layout = self._layout(self._enter(first_rows(batches[0][0])))
+                items = [self._enter(b) for b, _ in batches]
             except Exception as err:  # surfaced on every rank by the agreement below
                 error = err
         self.comm.agree(error)

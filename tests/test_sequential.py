@@ -16,7 +16,7 @@ from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_config, load_state, run_job
 from evapipe.checkpoint import checkpoint_dir, latest
 from evapipe.errors import ConfigError
-from evapipe.sequential import RoundLedger
+from evapipe.sequential import RoundLedger, first_rows
 from test_distributed import compute, torchrun
 from test_kinds import KINDS, job_config
 
@@ -42,6 +42,15 @@ def test_ledger_ends_a_round_before_a_step_that_needs_an_unfed_pca():
     assert not ledger.admit({"a", "d"})  # d was converged when the round began: never fed
     ledger = RoundLedger({"a", "b"}, ["a", "b"])
     assert ledger.admit({"a", "b"}) and ledger.admit(set()) and not ledger.admit({"a"})
+
+
+def test_layout_pass_takes_the_first_sample_of_any_batch():
+    batch = {"input_ids": torch.arange(12).reshape(3, 4), "attention_mask": torch.ones(3, 4), "scale": torch.tensor(2.0),
+             "meta": "x"}
+    first = first_rows(batch)
+    assert torch.equal(first["input_ids"], torch.arange(4).reshape(1, 4)) and first["attention_mask"].shape == (1, 4)
+    assert first["scale"] is batch["scale"] and first["meta"] == "x"
+    assert first_rows(torch.ones(5, 2)).shape == (1, 2) and first_rows(["a"]) == ["a"]
 
 
 # -- equality with the in-memory state ----------------------------------------------------------------------------
