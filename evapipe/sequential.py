@@ -88,10 +88,10 @@ def first_rows(batch: Any) -> Any:
     return {k: v[:1] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v for k, v in batch.items()}
 
 
-def _copy(s: ipca.PCAState) -> ipca.PCAState:
-    """A PCA state that later updates of `s` cannot change."""
+def _copy(s: ipca.PCAState, device: torch.device) -> ipca.PCAState:
+    """A copy of a PCA state on `device` that later updates of `s` cannot change."""
     values = {f.name: getattr(s, f.name) for f in fields(s) if f.init}
-    values = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+    values = {k: v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
     return replace(s, **(values | {"history": list(s.history)}))
 
 
@@ -178,7 +178,7 @@ class SequentialRun(EvaRun):
         self.stats.pca_tokens += sum(int(routed[o].shape[0]) for o in mine)
         self.stats.svd_s += time.perf_counter() - t0
         for o in mine:
-            copies[o].append(_copy(self.states[o]))
+            copies[o].append(_copy(self.states[o], HOST))  # the round's copies wait in host memory
 
     def _round(self, batches: list[tuple[Any, BaseException | None]], after_step: Callable[[], bool]) -> int:
         """One round over `batches` (this rank's shares); returns how many steps it took (a prefix of them)."""
@@ -225,7 +225,7 @@ class SequentialRun(EvaRun):
             if not ledger.admit(needed):
                 break
             for o in needed & set(copies):
-                self.states[o] = copies[o][j]
+                self.states[o] = _copy(copies[o][j], self.device)
             first_fed = next((o for o in owners if o in needed), None)
             n_local = rows[first_fed][j] if first_fed is not None else 0
             self.stats.tokens += n_local
