@@ -6,7 +6,8 @@
 
 The model is a random-init Llama saved with `save_pretrained` in sharded safetensors (500 MB shards). Each mode runs
 the real job (`python -m evapipe.compute`) in a fresh process, itself started from a fresh measuring process, so
-`resource.getrusage(RUSAGE_CHILDREN).ru_maxrss` is that job's peak resident memory alone:
+`resource.getrusage(RUSAGE_CHILDREN)` gives that job's peak resident memory and CPU seconds alone (CPU seconds are
+less sensitive than wall time to other work on a shared machine):
 
     none        the whole model in memory (today's behaviour)
     sequential  model.offload: sequential, one round of all the batches (one block in memory at a time)
@@ -82,8 +83,8 @@ def measure(config: str) -> None:
     wall = time.perf_counter() - t0
     if run.returncode != 0:
         sys.exit(run.stderr[-3000:])
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"wall_s": wall, "peak_rss_mib": peak_kib / 1024}))
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}))
 
 
 def compare(a: str, b: str) -> dict:
@@ -127,17 +128,19 @@ def main() -> None:
         if run.returncode != 0:
             sys.exit(f"{mode} failed:\n{run.stderr[-3000:]}")
         results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
-        print(f"{mode:>11}: {results[mode]['wall_s']:7.1f} s, peak RSS {results[mode]['peak_rss_mib']:7.0f} MiB",
+        r = results[mode]
+        print(f"{mode:>11}: {r['wall_s']:7.1f} s wall, {r['cpu_s']:7.1f} s CPU, peak RSS {r['peak_rss_mib']:7.0f} MiB",
               flush=True)
     if "none" in results:
         base = results["none"]
         for mode in results:
             if mode != "none":
                 results[mode] |= {"wall_vs_none": results[mode]["wall_s"] / base["wall_s"],
+                                  "cpu_vs_none": results[mode]["cpu_s"] / base["cpu_s"],
                                   "rss_vs_none": results[mode]["peak_rss_mib"] / base["peak_rss_mib"],
                                   **compare(str(work / "none.safetensors"), str(work / f"{mode}.safetensors"))}
                 r = results[mode]
-                print(f"{mode:>11} vs none: wall {r['wall_vs_none']:.2f}x, peak RSS {r['rss_vs_none']:.2f}x, same ranks "
+                print(f"{mode:>11} vs none: wall {r['wall_vs_none']:.2f}x, CPU {r['cpu_vs_none']:.2f}x, peak RSS {r['rss_vs_none']:.2f}x, same ranks "
                       f"{r['same_ranks']}, min |cos| {r['min_cos']:.5f}, bit-identical {r['bit_identical']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

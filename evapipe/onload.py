@@ -54,18 +54,19 @@ class WeightFiles:
             )
 
     def read(self, names: Mapping[str, str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """{local name: tensor} for {local name: checkpoint name}, opening each shard once; floats cast to dtype."""
+        """{local name: tensor} for {local name: checkpoint name}; floats cast to dtype.
+
+        Each tensor is read with its shard opened for it alone: the pages of the memory-mapped shard that a read
+        touches count as this process's memory until the shard is closed, so holding it open over a whole block
+        would count the block twice.
+        """
         from safetensors import safe_open
 
-        by_shard: dict[Path, list[tuple[str, str]]] = {}
-        for local, key in names.items():
-            by_shard.setdefault(self.shard[key], []).append((local, key))
         out = {}
-        for shard, items in by_shard.items():
-            with safe_open(str(shard), "pt", device=str(device) if device.type != "cpu" else "cpu") as f:
-                for local, key in items:
-                    t = f.get_tensor(key)
-                    out[local] = t.to(dtype) if t.is_floating_point() else t
+        for local, key in names.items():
+            with safe_open(str(self.shard[key]), "pt", device=str(device)) as f:
+                t = f.get_tensor(key)
+            out[local] = t.to(dtype) if t.is_floating_point() else t
         return out
 
 
