@@ -79,7 +79,7 @@ def measure(config: str) -> None:
     """(Run inside a fresh process.) The job as a child; print its wall time and peak RSS as JSON."""
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "evapipe.compute", "--config", config, "--no-progress"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=os.environ)
     wall = time.perf_counter() - t0
     if run.returncode != 0:
         sys.exit(run.stderr[-3000:])
@@ -107,6 +107,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--model-dir", default=None, help="keep the synthetic model here (built once)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per job (OMP_NUM_THREADS); 1 keeps CPU seconds free of spin-waiting "
+                             "on a machine shared with other work")
     parser.add_argument("--json", default=None)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,12 +117,14 @@ def main() -> None:
         return measure(args.measure)
     import yaml
 
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     work = Path(tempfile.mkdtemp(prefix="evapipe-bigmodel-"))
     folder = Path(args.model_dir or work / "model")
     model = synthetic_llama(folder, args.hidden, args.layers)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30
     print(f"model: {args.layers} x {args.hidden} Llama, {size:.2f} GiB of safetensors in "
-          f"{len(list(folder.glob('*.safetensors')))} shards; {args.batches} batches of {args.batch_size} x 128 tokens")
+          f"{len(list(folder.glob('*.safetensors')))} shards; {args.batches} batches of {args.batch_size} x 128 tokens; "
+          f"{args.threads} thread(s)")
     results = {}
     for mode in args.modes:
         cfg = work / f"{mode}.yaml"
