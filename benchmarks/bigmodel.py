@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -84,7 +85,9 @@ def measure(config: str) -> None:
     if run.returncode != 0:
         sys.exit(run.stderr[-3000:])
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}))
+    split = re.search(r"forward ([\d.]+)s, SVD ([\d.]+)s", run.stderr)  # the job summary's line for rank 0
+    print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
+                      "forward_s": float(split[1]) if split else None, "svd_s": float(split[2]) if split else None}))
 
 
 def compare(a: str, b: str) -> dict:

@@ -27,7 +27,8 @@ def main() -> None:
     """EVA (Explained Variance Adaptation) initialisation for LoRA adapters.
 
     Compute a state from a model and task data (`compute`), look at it (`show`), turn it into a PEFT adapter
-    (`apply`); list a store (`list`), re-budget a state (`rebudget`), convert to and from PEFT (`convert`).
+    (`apply`); list a store (`list`), re-budget a state (`rebudget`), convert to and from PEFT (`convert`); see
+    what a job needs in memory before running it (`estimate`).
     """
 
 
