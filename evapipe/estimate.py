@@ -97,7 +97,7 @@ def estimate(cfg: JobConfig, world: int = 1) -> JobEstimate:
     round_size = m.sequential_round
     modes = [
         ModeEstimate("none", total, working + captured_all, pca_share, 0, spectrum),
-        ModeEstimate("sequential", total - in_blocks - head_bytes + one_block, working + per_block, pca_share,
+        ModeEstimate("sequential", max(total - in_blocks - head_bytes, one_block), working + per_block, pca_share,
                      round_size * (tokens * hidden * itemsize + pca_share), spectrum),
         ModeEstimate("device_map", block[1], working + captured_all, pca_share, max(total - block[1], 0), spectrum),
     ]

@@ -6,7 +6,8 @@ host memory. This module holds the parts of that, independent of EVA:
 
 * `WeightFiles`: the checkpoint's safetensors files, read tensor by tensor (memory-mapped) for one block at a time;
 * `BlockModel`: the model built on the meta device (no weights; computed buffers such as rotary inverse frequencies
-  are computed, not loaded), with what runs before the first block loaded once, and its repeated block list;
+  are computed, not loaded) and its repeated block list; what lies outside the blocks (embeddings) is materialised
+  while batches run up to the first block, and released while the blocks run;
 * `BlockModel.block_inputs`: the first block's call arguments for a batch (hidden states plus keyword arguments such
   as the attention mask, position ids and rotary `position_embeddings`), taken by a hook that stops the forward;
 * `BlockModel.onloaded(i)`: block i materialised from the checkpoint on the compute device, then released to meta.
@@ -15,7 +16,7 @@ host memory. This module holds the parts of that, independent of EVA:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,8 @@ class BlockInputs:
 
 
 class BlockModel:
-    """A model whose weights stay in its checkpoint: the pre-block modules loaded, each block onloaded in turn."""
+    """A model whose weights stay in its checkpoint: what lies outside the blocks materialised while batches run up to
+    the first block (`head`), then each block in turn (`onloaded`)."""
 
     def __init__(self, model: nn.Module, folder: str | Path, device: torch.device, dtype: torch.dtype):
         self.model, self.device, self.dtype = model, device, dtype
@@ -181,7 +183,7 @@ class BlockModel:
         if missing:
             raise ConfigError(f"the checkpoint in {folder} has no tensor for {len(missing)} parameter(s) of "
                               f"{type(model).__name__}: {', '.join(missing[:4])}")
-        self._place(model, self.files.read(rest, self.device, dtype))
+        self.head_keys = rest
         for name, buf in list(model.named_buffers()):  # computed buffers (rotary inv_freq) move to the device
             if buf.device.type != "meta" and name not in rest:
                 self._place(model, {name: buf.to(device)})
@@ -194,6 +196,23 @@ class BlockModel:
 
         for name, t in tensors.items():
             set_module_tensor_to_device(module, name, t.device, value=t)
+
+    @contextmanager
+    def head(self) -> Iterator[nn.Module]:
+        """The model with what lies outside the blocks (embeddings, final norm) materialised, for running batches
+        up to the first block; released afterwards, so that it and a block are never held together."""
+        self._place(self.model, self.files.read(self.head_keys, self.device, self.dtype))
+        try:
+            yield self.model
+        finally:
+            self._release(self.model, self.head_keys)
+
+    @staticmethod
+    def _release(module: nn.Module, names: Iterable[str]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in names:
+            set_module_tensor_to_device(module, name, "meta")
 
     def block_keys(self, i: int) -> dict[str, str]:
         """Block i's tensors: {name inside the block: checkpoint key}."""
@@ -209,10 +228,7 @@ class BlockModel:
         try:
             yield block
         finally:
-            from accelerate.utils import set_module_tensor_to_device
-
-            for name in keys:
-                set_module_tensor_to_device(block, name, "meta")
+            self._release(block, keys)
 
     def block_inputs(self, forward: Callable[[], Any]) -> BlockInputs:
         """Run `forward` (the model's own forward on one batch) up to the first block; return that block's call."""

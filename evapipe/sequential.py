@@ -184,12 +184,14 @@ class SequentialRun(EvaRun):
         """One round over `batches` (this rank's shares); returns how many steps it took (a prefix of them)."""
         error = next((e for _, e in batches if e is not None), None)
         items: list[_InFlight] = []
-        layout, first = None, self.progress.groups is None
+        layout, layout_item, first = None, None, self.progress.groups is None
         if error is None:
             try:
-                if first and self.comm.is_main:  # rank 0's layout for every rank, as in memory
-                    layout = self._layout(self._enter(first_rows(batches[0][0])))
-                items = [self._enter(b) for b, _ in batches]
+                with self.blocks.head():
+                    items = [self._enter(b) for b, _ in batches]
+                    layout_item = self._enter(first_rows(batches[0][0])) if first and self.comm.is_main else None
+                if layout_item is not None:  # rank 0's layout for every rank, as in memory
+                    layout = self._layout(layout_item)
             except Exception as err:  # surfaced on every rank by the agreement below
                 error = err
         self.comm.agree(error)

@@ -52,7 +52,9 @@ def _materialised(bm: BlockModel) -> int:
 
 def _run_sequentially(bm: BlockModel, inputs: dict) -> tuple[list[torch.Tensor], list[int]]:
     with torch.no_grad():
-        call = bm.block_inputs(lambda: bm.model(**inputs))
+        with bm.head() as model:
+            assert _materialised(bm) == 0
+            call = bm.block_inputs(lambda: model(**inputs))
         outs, live = [], []
         for i in range(len(bm.blocks)):
             with bm.onloaded(i) as block:
@@ -95,8 +97,11 @@ def test_rotary_buffers_are_computed_not_loaded(tmp_path):
     model, _ = _tiny("llama", tmp_path)
     bm = BlockModel(empty_model(type(model), model.config, torch.float32), tmp_path, torch.device("cpu"), torch.float32)
     torch.testing.assert_close(bm.model.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
-    assert bm.model.model.embed_tokens.weight.device.type == "cpu"  # loaded once, before the blocks
-    assert bm.model.lm_head.weight.device.type in ("cpu", "meta")
+    with bm.head():
+        torch.testing.assert_close(bm.model.model.embed_tokens.weight, model.model.embed_tokens.weight)
+        assert bm.model.lm_head.weight.device.type == "meta"  # untied output head: never read
+    assert bm.model.model.embed_tokens.weight.device.type == "meta"  # released while the blocks run
+    assert bm.model.model.rotary_emb.inv_freq.device.type == "cpu"  # computed buffers stay
 
 
 def test_checkpoint_without_safetensors_is_refused(tmp_path):
