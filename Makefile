@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   set up .venv and run the EVA job on the embedded default (MiniLM + shipped support-intents data)
 #   make test   set up .venv and run the test suite
+#   make lint   ruff (config in pyproject.toml), run by CI before the tests
 # On a GPU machine keep your CUDA torch: `make test TORCH_SPEC=` installs evapipe around the torch you have.
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +25,11 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
+lint: setup
+	@$(VENV)/bin/python -m ruff --version >/dev/null 2>&1 || $(VENV)/bin/python -m pip install -q "ruff>=0.6"
+	$(VENV)/bin/python -m ruff check .
+
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_eva.py
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test lint bench

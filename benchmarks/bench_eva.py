@@ -19,8 +19,9 @@ MiniLM text: `python-docs` (default) is the Python Language Reference topics tha
 sequences of --seq-len tokens, shuffled with a fixed seed; `support-intents` packs evapipe's 360 shipped support
 messages the same way (~9k tokens: 9 batches, so both jobs cycle them). The Llama case uses random token ids.
 
-`--knob ipca.POWER_ITERATIONS=2` sets a module constant in the evapipe process (for lever measurements: see
-benchmarks/levers.py); `--ablate NAME` switches a lever off (early-stop, skip-converged, dedup, batched).
+`--knob ipca.FIRST_POWER_ITERATIONS=0` sets a module constant in the evapipe process (for lever measurements: see
+benchmarks/levers.py); `--ablate NAME` switches a lever off (early-stop, skip-converged, dedup, batched) and
+`--ablate warm-power` adds one power iteration to every warm update.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch  # noqa: E402
 
 MINILM_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ABLATIONS = ("early-stop", "skip-converged", "dedup", "batched")
+ABLATIONS = ("early-stop", "skip-converged", "dedup", "batched", "warm-power")
 
 
 # -- the case: model + batches, built once and saved so every process reads the same ones ---------------------------
@@ -140,7 +141,7 @@ class Meter:
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
 
-    def __enter__(self) -> "Meter":
+    def __enter__(self) -> Meter:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -173,10 +174,10 @@ def execution_order(model: Any, batch: dict, names: list[str]) -> list[str]:
 
 
 def apply_knobs(knobs: list[str], ablate: list[str]) -> None:
-    """Set evapipe module constants (`ipca.POWER_ITERATIONS=2`) and switch levers off, in this process only."""
+    """Set evapipe module constants (`ipca.FIRST_POWER_ITERATIONS=0`) and switch levers off, in this process only."""
     import importlib
 
-    from evapipe import capture, engine, ipca
+    from evapipe import capture, forward, ipca, planning
 
     for knob in knobs:
         target, _, value = knob.partition("=")
@@ -187,12 +188,15 @@ def apply_knobs(knobs: list[str], ablate: list[str]) -> None:
         setattr(module, attr, json.loads(value))
     if "early-stop" in ablate:
         plan = capture.Capture.plan
-        capture.Capture.plan = lambda self, needed, allow_early_stop=True, also=(): plan(self, needed, False, also)
+        capture.Capture.plan = lambda self, step: (plan(self, step), setattr(self, "stop_at", None))
     if "skip-converged" in ablate:
-        plan = capture.Capture.plan
-        capture.Capture.plan = lambda self, needed, allow_early_stop=True, also=(): plan(self, set(self.names), allow_early_stop)
+        keep_stop = capture.Capture.plan  # every layer captured, the pass cut after the deepest target
+        capture.Capture.plan = lambda self, step: keep_stop(self, planning.StepPlan(frozenset(self.names)))
     if "dedup" in ablate:
-        engine.shared_input_groups = lambda raw, names: [[n] for n in names if n in raw]
+        forward.shared_input_groups = lambda raw, names: [[n] for n in names if n in raw]
+    if "warm-power" in ablate:
+        iterations = ipca.power_iterations
+        ipca.power_iterations = lambda layers: iterations(layers) + (layers[0].prev is not None)
     if "batched" in ablate:
         update = ipca.update_many
         ipca.update_many = lambda states, inputs: [update([s], [x]) for s, x in zip(states, inputs)] and None
@@ -200,7 +204,8 @@ def apply_knobs(knobs: list[str], ablate: list[str]) -> None:
 
 def phase_evapipe(model: Any, batches: list, case: dict, args: argparse.Namespace) -> dict[str, Any]:
     from evapipe import EvaSettings
-    from evapipe.engine import EvaRun, cycle_batches
+    from evapipe.engine import EvaRun
+    from evapipe.forward import cycle_batches
 
     apply_knobs(args.knob, args.ablate)
     settings = EvaSettings(r=case["r"], rho=case["rho"], tau=case["tau"], target_modules=case["targets"],
@@ -212,7 +217,7 @@ def phase_evapipe(model: Any, batches: list, case: dict, args: argparse.Namespac
         state = run.result()
     comps = {n: a.cpu() for n, a in state.tensors.items()}
     return {**meter.report(), "batches": state.meta["batches"], "ranks": state.ranks, "components": comps,
-            "forward_s": run.stats.forward_s, "svd_s": run.stats.svd_s, "groups": run.progress.groups,
+            "forward_s": run.source.forward_s, "svd_s": run.pool.svd_s, "groups": run.progress.layout.groups,
             "converged": all(state.meta["converged"].values())}
 
 
@@ -328,7 +333,7 @@ class Moments:
         self.mean += delta * (m / total)
         self.count = total
 
-    def copy(self) -> "Moments":
+    def copy(self) -> Moments:
         other = Moments.__new__(Moments)
         other.count, other.mean, other.scatter = self.count, self.mean.clone(), self.scatter.clone()
         return other
@@ -337,17 +342,18 @@ class Moments:
 def layer_moments(model: Any, batches: list, owners: list[str], prefixes: list[int], device: str) -> tuple[dict, dict]:
     """Moments of each owner layer's tokens over the whole data, and over the first n batches for each n in prefixes."""
     from evapipe.capture import Capture, TokenSelector
+    from evapipe.planning import StepPlan
 
     widths = {t.name: t.in_features for t in _targets(model, {"targets": owners})}
     cap = Capture(model, owners)
     cap.order = execution_order(model, batches[0], owners)
-    cap.plan(set(owners))
+    cap.plan(StepPlan(frozenset(owners)))
     acc = {n: Moments(widths[n], device) for n in owners}
     whole, at = None, {}
     with torch.no_grad():
         for i, batch in enumerate(cycled(batches, max([len(batches), *prefixes])), 1):
-            cap.selector = TokenSelector({"input": batch["attention_mask"].bool()})
-            for name, x in cap.run(lambda: model(**batch)).items():
+            cap.select(TokenSelector({"input": batch["attention_mask"].bool()}))
+            for name, x in cap.run(lambda batch=batch: model(**batch)).items():
                 acc[name].add(x)
             if i == len(batches):
                 whole = {n: m.copy() for n, m in acc.items()}
@@ -419,7 +425,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--full-batches", type=int, default=8, help="batches timed for the full forward (logits)")
-    p.add_argument("--knob", action="append", default=[], help="evapipe constant, e.g. ipca.POWER_ITERATIONS=2")
+    p.add_argument("--knob", action="append", default=[], help="evapipe constant, e.g. ipca.FIRST_POWER_ITERATIONS=0")
     p.add_argument("--ablate", action="append", default=[], choices=ABLATIONS, help="switch an evapipe lever off")
     p.add_argument("--skip-peft", action="store_true", help="time evapipe and the floor only")
     p.add_argument("--json", help="also write the figures to this file")
@@ -463,7 +469,7 @@ def report(args: argparse.Namespace) -> str:
     for name, res in results.items():
         label = "evapipe compute_eva_state" if name == "evapipe" else "PEFT get_eva_state_dict"
         lines.append(f"{label:34s}{res['seconds']:9.2f}{res['batches']:9d}{res['peak_mb']:9.0f}{res['added_mb']:8.0f}")
-    for name, res in results.items():
+    for res in results.values():
         n = res["batches"]
         lines.append(f"{'floor: ' + str(n) + ' forwards to ' + floor['deepest'].split('.', 1)[-1]:34s}"
                      f"{floor['times'][n]:9.2f}{n:9d}")

@@ -39,7 +39,7 @@ SMOOTH = 10  # running-mean window for the printed curves
 
 def load_task(tok: Any, max_length: int) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(label names, tokenized train set, tokenized held-out set); labels as class indices."""
-    from evapipe.data import resolve_data_path
+    from evapipe.sources import resolve_data_path
 
     def read(name: str) -> list[dict]:
         return [json.loads(line) for line in Path(resolve_data_path(f"builtin:{name}")).read_text().splitlines()]
@@ -69,9 +69,10 @@ def classifier(path: str, labels: list[str], seed: int) -> torch.nn.Module:
 
 def eva_state(path: str, labels: list[str], seed: int) -> Any:
     """EVA on the classifier's backbone with configs/default.yaml's data and EVA settings."""
+    from transformers import AutoTokenizer
+
     from evapipe import compute_eva_state, load_config
     from evapipe.data import load_rows, make_collator, rank_batches
-    from transformers import AutoTokenizer
 
     cfg = load_config(REPO / "configs" / "default.yaml")
     model = classifier(path, labels, seed)
@@ -233,7 +234,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from evapipe.models import resolve_model_path
+    from evapipe.sources import resolve_model_path
 
     path = resolve_model_path("builtin:minilm")
     labels, train_set, heldout = load_task(AutoTokenizer.from_pretrained(path), args.max_length)

@@ -94,7 +94,7 @@ def main() -> None:
     print(f"evapipe PCA update per batch: r={args.r} rho={args.rho} ({int(args.r * args.rho)} components, "
           f"{2 * int(args.r * args.rho)} tracked), {args.threads} threads, torch {torch.__version__}, "
           f"median of {args.timed} warm updates")
-    print(f"| tokens/batch | in_features | layers | ms/batch | ms/layer/1k tokens | inputs MB | state MB | added MB |")
+    print("| tokens/batch | in_features | layers | ms/batch | ms/layer/1k tokens | inputs MB | state MB | added MB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tokens, width, layers in GRID:
         cmd = [sys.executable, __file__, "--row", f"{tokens},{width},{layers}", "--r", str(args.r), "--rho",

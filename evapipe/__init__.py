@@ -5,7 +5,7 @@ Python API (each CLI command wraps one of these):
     run_job(load_config("cfg.yaml"))                          -> JobResult  (the config-driven job)
     load_state(path) / read_metadata(path)                     -> EvaState / dict
     apply_eva_state(model, state)                              -> trainable PeftModel (lora_A = state, lora_B = 0)
-    apply_to_directory(state, model, output)                   -> PEFT adapter directory (`evapipe apply`)
+    apply_to_directory(state_path, output, model)              -> PEFT adapter directory (`evapipe apply`)
     to_peft_state_dict(state)                                  -> dict for PEFT's initialize_lora_eva_weights
     list_states(store_dir)                                     -> StoreEntry list (`evapipe list`)
     rebudget(state, r, rho) / rebudget_file(src, dst, r, rho)  -> EvaState (`evapipe rebudget`)
@@ -14,13 +14,13 @@ Python API (each CLI command wraps one of these):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "EvaSettings": "config", "JobConfig": "config", "load_config": "config", "config_from_dict": "config",
-    "compute_eva_state": "engine", "run_job": "compute",
+    "compute_eva_state": "compute", "run_job": "job",
     "EvaState": "state", "load_state": "state", "read_metadata": "state",
     "apply_eva_state": "apply", "apply_to_directory": "apply", "to_peft_state_dict": "apply",
     "list_states": "store", "rebudget": "rebudget", "rebudget_file": "rebudget", "convert_file": "convert",
@@ -37,13 +37,3 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(name)
 
-
-if TYPE_CHECKING:
-    from .apply import apply_eva_state, apply_to_directory, to_peft_state_dict
-    from .compute import run_job
-    from .config import EvaSettings, JobConfig, config_from_dict, load_config
-    from .convert import convert_file
-    from .engine import compute_eva_state
-    from .rebudget import rebudget, rebudget_file
-    from .state import EvaState, load_state, read_metadata
-    from .store import list_states

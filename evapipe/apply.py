@@ -18,30 +18,26 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .budget import pattern_value, scaled_alpha
+from .assemble import state_from_inits
+from .budget import pattern_value
+from .config import ModelConfig
+from .distributed import local_device
 from .errors import ConfigError, StateError
-from .state import FORMAT, FORMAT_VERSION, PEFT_PREFIX, EvaState, load_state, strip_peft_prefix
-from .targets import linear_shape
+from .metadata import StateMeta
+from .models import class_traits, load_model, model_fingerprint
+from .state import PEFT_PREFIX, EvaState, load_state, make_public, strip_peft_prefix
+from .targets import TRAINED_HEADS, linear_shape
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
 
-StateLike = Union[EvaState, str, os.PathLike, Mapping[str, torch.Tensor]]
+StateLike = EvaState | str | os.PathLike | Mapping[str, torch.Tensor]
 
-# model class name suffix -> PEFT task_type, so AutoPeftModelFor<Task>.from_pretrained(dir) picks the right class
-CLASS_TASK_TYPE = (
-    (("ForCausalLM", "LMHeadModel"), "CAUSAL_LM"),
-    (("ForSequenceClassification",), "SEQ_CLS"),
-    (("ForTokenClassification",), "TOKEN_CLS"),
-    (("ForQuestionAnswering",), "QUESTION_ANS"),
-    (("ForConditionalGeneration", "ForSeq2SeqLM"), "SEQ_2_SEQ_LM"),
-    (("Model",), "FEATURE_EXTRACTION"),
-)
 PROVENANCE_FILE = "evapipe.json"
 PROVENANCE_KEYS = ("task", "r", "lora_alpha", "rho", "tau", "whiten", "adjust_scaling_factors", "target_modules",
                    "batches", "tokens", "model", "dataset", "versions", "created")
@@ -69,21 +65,16 @@ def state_from_peft(state_dict: Mapping[str, torch.Tensor], lora_config: LoraCon
     from peft import LoraConfig
 
     cfg = lora_config or LoraConfig()
-    adjust = cfg.eva_config.adjust_scaling_factors if cfg.eva_config is not None else True
-    tensors = {k: v.detach().float().cpu() for k, v in strip_peft_prefix(state_dict).items()}
-    ranks = {n: int(a.shape[0]) for n, a in tensors.items()}
-    layer_r = {n: int(pattern_value(cfg.rank_pattern or {}, n, cfg.r)) for n in tensors}
-    layer_alpha = {n: float(pattern_value(cfg.alpha_pattern or {}, n, cfg.lora_alpha)) for n in tensors}
-    alphas = {n: scaled_alpha(layer_alpha[n], ranks[n], layer_r[n], adjust) for n in tensors}
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "task": "peft", "r": cfg.r, "lora_alpha": cfg.lora_alpha,
-        "adjust_scaling_factors": adjust, "layer_r": layer_r, "layer_alpha": layer_alpha, "ranks": ranks,
-        "rank_pattern": {n: k for n, k in ranks.items() if k != cfg.r},
-        "alpha_pattern": {n: a for n, a in alphas.items() if a != cfg.lora_alpha},
-        "in_features": {n: int(a.shape[1]) for n, a in tensors.items()},
-        "model": {},
-    }
-    return EvaState({n: a for n, a in tensors.items() if a.shape[0] > 0}, meta)
+    tensors = strip_peft_prefix(state_dict)
+    meta = StateMeta(
+        r=cfg.r, lora_alpha=cfg.lora_alpha, task="peft",
+        adjust_scaling_factors=cfg.eva_config.adjust_scaling_factors if cfg.eva_config is not None else True,
+        ranks={n: int(a.shape[0]) for n, a in tensors.items()},
+        in_features={n: int(a.shape[1]) for n, a in tensors.items()},
+        layer_r={n: int(pattern_value(cfg.rank_pattern or {}, n, cfg.r)) for n in tensors},
+        layer_alpha={n: float(pattern_value(cfg.alpha_pattern or {}, n, cfg.lora_alpha)) for n in tensors},
+    )
+    return state_from_inits(tensors, meta)
 
 
 def backbone_prefix(model: nn.Module, state: EvaState) -> str:
@@ -105,8 +96,6 @@ def check_state(model: nn.Module, state: EvaState, force: bool = False, prefix: 
     """Raise StateError unless the state fits `model`: every layer present and linear, equal shapes, and (unless
     `force`) the architecture fingerprint the state was computed on. `force` never skips a shape check. With a
     `prefix` (see backbone_prefix), the fingerprint is that of the submodule there."""
-    from .models import model_fingerprint
-
     modules = dict(model.named_modules())
     problems = []
     for name, rank in state.ranks.items():
@@ -161,9 +150,7 @@ def check_not_cpu_packed(model: nn.Module) -> None:
 def check_trainable_heads(model: nn.Module, config: LoraConfig) -> None:
     """Refuse a quantized module that PEFT would train in full (modules_to_save; a SEQ_CLS model's classifier or
     score head): PEFT fails on it deep inside with "only Tensors of floating point dtype can require gradients"."""
-    from .models import HEAD_MODULES
-
-    names = set(config.modules_to_save or []) | (set(HEAD_MODULES) if config.task_type == "SEQ_CLS" else set())
+    names = set(config.modules_to_save or []) | (set(TRAINED_HEADS) if config.task_type == "SEQ_CLS" else set())
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if name.split(".")[-1] in names and isinstance(weight, torch.Tensor) and not weight.is_floating_point():
@@ -176,11 +163,7 @@ def check_trainable_heads(model: nn.Module, config: LoraConfig) -> None:
 
 def task_type_of(model: nn.Module) -> str | None:
     """PEFT task_type for the model's class (None for classes PEFT has no task for, e.g. image classifiers)."""
-    name = type(model).__name__
-    for suffixes, task in CLASS_TASK_TYPE:
-        if name.endswith(suffixes):
-            return task
-    return None
+    return class_traits(type(model).__name__)[1]
 
 
 def lora_config_for(state: EvaState, model: nn.Module, base: LoraConfig | None = None) -> LoraConfig:
@@ -315,9 +298,7 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the adapter folder should not be
+    make_public(tmp, 0o777)  # mkdtemp makes it private; the adapter folder should not be
     old = None
     try:
         peft_model.save_pretrained(str(tmp))
@@ -354,10 +335,6 @@ def apply_to_directory(
 
     Everything is checked (output, state file, model fit) before anything is written.
     """
-    from .config import ModelConfig
-    from .distributed import local_device
-    from .models import load_model
-
     output = Path(output)
     check_output(output, overwrite)
     state = load_state(state_path, with_spectrum=False)

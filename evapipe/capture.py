@@ -10,28 +10,16 @@ Three costs PEFT pays that this module avoids:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import planning
+
 
 class StopForward(Exception):
     """Raised inside the model once the deepest needed layer's input is captured."""
-
-
-def token_mask(inputs: Mapping[str, Any], use_label_mask: bool, label_mask_value: int) -> torch.Tensor | None:
-    """Boolean (batch, seq) mask of tokens that count: attention mask and, optionally, labels != mask value."""
-    mask = inputs.get("attention_mask")
-    ids = inputs.get("input_ids")
-    if mask is None and ids is None:
-        return None
-    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    labels = inputs.get("labels")
-    if use_label_mask and isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
-        mask = mask & (labels != label_mask_value)
-    return mask
 
 
 class TokenSelector:
@@ -68,8 +56,8 @@ class Capture:
         self.layer_fn = layer_fn
         self.active: set[str] = set(names)
         self.stop_at: str | None = None
-        self.model_input: Any = None
-        self.selector: TokenSelector | None = None
+        self.model_input: Any = None  # what a layer_fn is given besides the layer's input (see select)
+        self.selector: TokenSelector | None = None  # which rows count (see select)
         self.raw: dict[str, torch.Tensor] | None = None  # first batch only: raw inputs, for duplicate detection
         self.tokens: dict[str, list[torch.Tensor]] = {}
         self.order: list[str] = []
@@ -99,6 +87,11 @@ class Capture:
         x = args[0]
         return self.selector(x, name) if self.selector is not None else x.reshape(-1, x.shape[-1])
 
+    def select(self, selector: TokenSelector | None, model_input: Any = None) -> None:
+        """For the next passes: `selector` picks the rows that count (None: all); `model_input` is what a layer_fn
+        receives as its second argument."""
+        self.selector, self.model_input = selector, model_input
+
     def run(self, forward: Callable[[], Any], first: bool = False) -> dict[str, torch.Tensor]:
         """Run one forward pass; returns counted tokens (rows x features) per active layer."""
         self.tokens, self.raw = {}, ({} if first else None)
@@ -112,15 +105,13 @@ class Capture:
             self.order = []  # a layer called twice per pass (weight sharing): never cut the pass short
         return {n: (t[0] if len(t) == 1 else torch.cat(t)) for n, t in self.tokens.items()}
 
-    def plan(
-        self, needed: AbstractSet[str], allow_early_stop: bool = True, also: AbstractSet[str] = frozenset()
-    ) -> None:
-        """Capture `needed` layers, and those of `also` that the pass reaches before the deepest needed one; stop
-        the pass after that deepest layer (in execution order)."""
-        deepest = [n for n in self.order if n in needed]
-        self.stop_at = deepest[-1] if deepest and allow_early_stop else None
-        reached = self.order[: self.order.index(deepest[-1]) + 1] if deepest else []
-        self.active = set(needed) | (set(reached) & set(also))
+    def follow(self, order: Sequence[str]) -> None:
+        """Plan passes by this execution order (rank 0's, so that every rank cuts its passes alike)."""
+        self.order = list(order)
+
+    def plan(self, plan: planning.StepPlan) -> None:
+        """Capture what the next step needs; stop the pass after the deepest needed layer (in execution order)."""
+        self.stop_at, self.active = planning.capture_depth(self.order, plan)
 
     def remove(self) -> None:
         for h in self._handles:

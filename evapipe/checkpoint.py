@@ -18,20 +18,52 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
+
+from .distributed import Comm, collectively
 from .errors import ConfigError
+from .ipca import PCAState
+from .metadata import utc_now
+from .planning import Layout, Verdict
 from .state import atomic_write
+from .store import changed_keys
 
 log = logging.getLogger("evapipe")
 
 CKPT_FORMAT = "evapipe.checkpoint"
 CKPT_VERSION = 1
 STEP_PREFIX = "step-"
-LOOP_KEYS = ("progress", "done", "done_at", "ratios", "similar")
+
+
+@dataclass
+class Snapshot:
+    """A run at the end of a step: the loop state every rank shares, and this rank's own PCAs (on the CPU)."""
+
+    step: int
+    tokens: int
+    layout: Layout
+    ranks: dict[str, int]
+    verdict: Verdict
+    ratios: dict[str, list[float]]  # the latest agreed ratios and similarities, per PCA (owner layer)
+    similar: dict[str, list[float]]
+    states: dict[str, PCAState] = field(default_factory=dict)
+
+    def loop(self) -> dict[str, Any]:
+        """The shared part as JSON (a step's attributes; the layout of CKPT_VERSION 1)."""
+        groups, order = [list(g) for g in self.layout.groups], list(self.layout.order)
+        progress = {"step": self.step, "tokens": self.tokens, "groups": groups, "order": order, "ranks": self.ranks}
+        return {"progress": progress, "done": dict(self.verdict.done), "done_at": dict(self.verdict.done_at),
+                "ratios": self.ratios, "similar": self.similar}
+
+    @classmethod
+    def from_loop(cls, loop: dict[str, Any], states: dict[str, PCAState]) -> Snapshot:
+        p = loop["progress"]
+        return cls(p["step"], p["tokens"], Layout.of(p["groups"], p["order"]), dict(p["ranks"]),
+                   Verdict(dict(loop["done"]), dict(loop.get("done_at", {}))), loop["ratios"], loop["similar"], states)
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -63,9 +95,8 @@ def latest(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def _write_states(group_dir: Path, states: dict[str, Any]) -> None:
-    import torch
-    import zarr
+def _write_states(group_dir: Path, states: dict[str, PCAState]) -> None:
+    import zarr  # zarr (and numpy below) only when a checkpoint is written or read, not for every EvaRun
 
     group = zarr.open_group(str(group_dir), mode="w")
     for i, (owner, state) in enumerate(states.items()):
@@ -85,12 +116,9 @@ def _write_states(group_dir: Path, states: dict[str, Any]) -> None:
         sub.attrs.update({"owner": owner, "fields": plain, "tensors": dtypes})
 
 
-def _read_states(group_dir: Path) -> dict[str, Any]:
+def _read_states(group_dir: Path) -> dict[str, PCAState]:
     import numpy as np
-    import torch
     import zarr
-
-    from .ipca import PCAState
 
     group = zarr.open_group(str(group_dir), mode="r")
     states = {}
@@ -104,25 +132,20 @@ def _read_states(group_dir: Path) -> dict[str, Any]:
     return states
 
 
-def save(directory: str | Path, snapshot: dict[str, Any], comm: Any, job: dict[str, Any]) -> Path:
+def save(directory: str | Path, snapshot: Snapshot, comm: Comm, job: dict[str, Any]) -> Path:
     """Checkpoint one step (called on every rank at the same step); returns the step's folder."""
     import zarr
 
     directory = Path(directory)
-    step_dir = directory / f"{STEP_PREFIX}{snapshot['progress']['step']:08d}"
-    error = None
-    try:
-        _write_states(step_dir / f"rank-{comm.rank}", snapshot["states"])
-    except Exception as err:  # e.g. a full disk: every rank stops with it
-        error = err
-    comm.agree(error)
+    step_dir = directory / f"{STEP_PREFIX}{snapshot.step:08d}"
+    with collectively(comm):  # e.g. a full disk on one rank: every rank stops with it
+        _write_states(step_dir / f"rank-{comm.rank}", snapshot.states)
     if comm.is_main:
         if not (directory / "zarr.json").is_file():
             zarr.create_group(store=str(directory), attributes={"format": CKPT_FORMAT})
         attrs = {
             "format": CKPT_FORMAT, "version": CKPT_VERSION, "complete": True, "world_size": comm.world,
-            "job": job, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "loop": {k: snapshot[k] for k in LOOP_KEYS},
+            "job": job, "written": utc_now(), "loop": snapshot.loop(),
         }
         # the completion mark: the step's zarr v3 group metadata, written last and atomically
         group_meta = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs})
@@ -137,57 +160,64 @@ def _prune(directory: Path, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _decide(directory: Path, job: dict[str, Any], world: int, restart: bool) -> tuple:
-    """Rank 0's verdict on an existing checkpoint: ("resume", step folder, loop) / ("fresh", note) / ("refuse", why)."""
+@dataclass(frozen=True)
+class Decision:
+    """Rank 0's verdict on an existing checkpoint, broadcast to every rank."""
+
+    action: Literal["resume", "fresh", "refuse"]
+    note: str | None = None  # why (fresh: logged; refuse: the error)
+    step_dir: str | None = None  # resume: the step to resume
+    loop: dict[str, Any] | None = None  # resume: its loop state
+
+
+def _decide(directory: Path, job: dict[str, Any], world: int, restart: bool) -> Decision:
     if not directory.exists():
-        return ("fresh", None)
+        return Decision("fresh")
     if restart:
-        return ("fresh", f"discarding the checkpoint {directory} (--restart)")
+        return Decision("fresh", f"discarding the checkpoint {directory} (--restart)")
     found = latest(directory)
     if found is None:
-        return ("fresh", f"{directory} holds no complete checkpoint; starting fresh")
+        return Decision("fresh", f"{directory} holds no complete checkpoint; starting fresh")
     step_dir, attrs = found
     step = attrs["loop"]["progress"]["step"]
     where = f"the checkpoint {directory} (at batch {step})"
     if attrs.get("world_size") != world:
-        return ("refuse", f"{where} was written by a job with world size {attrs.get('world_size')}, this job has "
-                          f"world size {world}; run it with {attrs.get('world_size')} processes to resume, or rerun "
-                          "with --restart to discard it and start fresh")
+        return Decision("refuse", f"{where} was written by a job with world size {attrs.get('world_size')}, this job "
+                                  f"has world size {world}; run it with {attrs.get('world_size')} processes to resume, "
+                                  "or rerun with --restart to discard it and start fresh")
     old = attrs.get("job") or {}
     if old.get("key") != job["key"]:
-        from .store import changed_keys
-
         changes = changed_keys(old.get("parts") or {}, job["parts"]) or ["unknown"]
-        return ("refuse", f"{where} was written for a different job ({'; '.join(changes[:5])}); rerun with "
-                          "--restart to discard it and start fresh")
-    return ("resume", str(step_dir), attrs["loop"])
+        return Decision("refuse", f"{where} was written for a different job ({'; '.join(changes[:5])}); rerun with "
+                                  "--restart to discard it and start fresh")
+    return Decision("resume", step_dir=str(step_dir), loop=attrs["loop"])
 
 
-def resume(directory: str | Path, run: Any, comm: Any, job: dict[str, Any], restart: bool = False) -> int | None:
-    """Restore `run` (on every rank) from the newest complete checkpoint in `directory`; its step, or None when
+def resume(directory: str | Path, comm: Comm, job: dict[str, Any], restart: bool = False) -> Snapshot | None:
+    """The newest complete checkpoint in `directory`, on every rank (this rank's PCAs in it), or None when
     starting fresh. A checkpoint of another job or world size raises ConfigError unless `restart` discards it."""
     directory = Path(directory)
-    verdict = _decide(directory, job, comm.world, restart) if comm.is_main else None
-    verdict = comm.broadcast(verdict)
-    if verdict[0] == "refuse":
-        raise ConfigError(verdict[1])
-    if verdict[0] == "fresh":
+    decision: Decision = comm.broadcast(_decide(directory, job, comm.world, restart) if comm.is_main else None)
+    if decision.action == "refuse":
+        raise ConfigError(decision.note)
+    if decision.action == "fresh":
         if comm.is_main and directory.exists():
-            log.info(verdict[1])
+            log.info(decision.note)
             remove(directory)
         return None
-    step_dir, loop = Path(verdict[1]), verdict[2]
+    step_dir = Path(decision.step_dir)
     if comm.is_main:  # steps of the killed run past this one (incomplete) must not meet the new ones
         _prune(directory, keep=step_dir)
-    error, states = None, {}
-    try:
-        states = _read_states(step_dir / f"rank-{comm.rank}")
-    except Exception as err:
-        error = ConfigError(f"the checkpoint {step_dir} cannot be read ({err}); rerun with --restart to discard it")
-    comm.agree(error)
-    run.restore(dict(loop, states=states))
-    log.info("resuming from %s at batch %d", directory, run.progress.step)
-    return run.progress.step
+    states = {}
+    with collectively(comm):
+        try:
+            states = _read_states(step_dir / f"rank-{comm.rank}")
+        except Exception as err:
+            raise ConfigError(f"the checkpoint {step_dir} cannot be read ({err}); rerun with --restart to "
+                              "discard it") from None
+    snapshot = Snapshot.from_loop(decision.loop, states)
+    log.info("resuming from %s at batch %d", directory, snapshot.step)
+    return snapshot
 
 
 def remove(directory: str | Path) -> None:

@@ -49,8 +49,8 @@ def compute_command(config_path: str, overrides: tuple[str, ...], no_progress: b
     step's samples; rank 0 writes the file). With output.store, a job already computed is a cache hit (no forward
     pass); a killed job run again resumes from its last checkpoint (output.checkpoint_every).
     """
-    from .compute import run_job
     from .config import load_config
+    from .job import run_job
 
     try:
         cfg = load_config(config_path, overrides)

@@ -56,12 +56,12 @@ class ModelConfig:
         "With offload: sequential, batches per round: each block is read once per round, and the round's hidden "
         "states (plus a copy of each unconverged PCA per batch) wait in host memory.",
     )
-    device_map: Union[str, dict[str, Union[int, str]], None] = _f(
+    device_map: str | dict[str, int | str] | None = _f(
         None,
         "With offload: device_map: `auto`, `balanced`, `balanced_low_0`, `sequential`, or an explicit map "
         "{module name: GPU index, `cpu` or `disk`}. None: `auto`.",
     )
-    max_memory: dict[Union[int, str], Union[int, str]] | None = _f(
+    max_memory: dict[int | str, int | str] | None = _f(
         None,
         "Memory each device may hold, accelerate's format ({0: 20GiB, cpu: 60GiB} with GPU indices as keys), for "
         "offload: device_map (where the weights go) and sequential (checked against one block); below one block of "
@@ -112,12 +112,12 @@ class EvaSettings:
     lora_alpha: float = _f(8.0, "LoRA alpha (scaling = alpha / rank).")
     rho: float = _f(2.0, "Redistribution factor: a layer may get up to round(r * rho) components; 1 = no redistribution.")
     tau: float = _f(0.99, "Cosine-similarity threshold between successive component estimates that marks convergence.")
-    target_modules: Union[list[str], str] = _f(
+    target_modules: list[str] | str = _f(
         "all-linear",
         "Module name suffixes (list), a regex (full match), or `all-linear` (every nn.Linear / Conv1D but the "
         "output head).",
     )
-    exclude_modules: Union[list[str], str, None] = _f(None, "Suffixes (list) or regex of modules to leave out.")
+    exclude_modules: list[str] | str | None = _f(None, "Suffixes (list) or regex of modules to leave out.")
     rank_pattern: dict[str, int] = _f({}, "Per-layer r overrides, PEFT semantics (regex key matched on the name's end).")
     alpha_pattern: dict[str, float] = _f({}, "Per-layer lora_alpha overrides, PEFT semantics.")
     use_label_mask: bool = _f(True, "Use only tokens whose label differs from label_mask_value (when labels exist).")
@@ -347,10 +347,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections")
     return config_from_dict(raw, overrides)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
 def reference_markdown() -> str:

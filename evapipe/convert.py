@@ -9,14 +9,16 @@ the keys `initialize_lora_eva_weights(peft_model, eva_state_dict=...)` looks up 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .apply import state_from_peft, to_peft_state_dict
 from .errors import ConfigError, StateError
+from .metadata import versions
 from .state import PEFT_PREFIX, EvaState, atomic_write, load_state
 
 STATE_SUFFIX = ".safetensors"
@@ -55,11 +57,7 @@ def peft_to_state(
     model: str | None = None,
 ) -> EvaState:
     """An evapipe state from a PEFT EVA state dict and the settings it was computed with (PEFT's defaults)."""
-    import peft
     from peft import EvaConfig, LoraConfig
-
-    from . import __version__
-    from .apply import state_from_peft
 
     try:
         eva = EvaConfig(rho=rho, tau=tau, use_label_mask=use_label_mask, label_mask_value=label_mask_value,
@@ -68,23 +66,19 @@ def peft_to_state(
     except ValueError as err:
         raise ConfigError(f"invalid PEFT settings: {err}") from None
     state = state_from_peft(state_dict, cfg)
-    ranks = state.meta["ranks"]
-    state.meta.update(
-        task=task, rho=rho, tau=tau, whiten=whiten, use_label_mask=use_label_mask, label_mask_value=label_mask_value,
-        target_modules=list(ranks), exclude_modules=None, layer_alpha={n: float(lora_alpha) for n in ranks},
+    ranks = state.ranks
+    meta = replace(
+        state.metadata, task=task, rho=rho, tau=tau, whiten=whiten, use_label_mask=use_label_mask,
+        label_mask_value=label_mask_value, target_modules=list(ranks), layer_alpha={n: float(lora_alpha) for n in ranks},
         max_components=dict(ranks), explained_variance={n: [] for n in ranks}, singular_values={n: [] for n in ranks},
-        converged={n: True for n in ranks}, shared_inputs=[], tokens=None, batches=None, world_size=None,
-        model={"id": model}, dataset={"id": None}, store_key=None, source="peft",
-        versions={"evapipe": __version__, "torch": torch.__version__, "peft": peft.__version__},
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        converged={n: True for n in ranks}, model={"id": model}, dataset={"id": None}, versions=versions("peft"),
+        extra={"source": "peft"},
     )
-    return state
+    return EvaState(state.tensors, meta.to_dict())
 
 
 def state_to_peft(state: EvaState, prefix: bool = True) -> dict[str, torch.Tensor]:
     """{module name: A} for PEFT (rank-0 layers as zero-row tensors, which PEFT reads as "no adapter")."""
-    from .apply import to_peft_state_dict
-
     return to_peft_state_dict(state, PEFT_PREFIX if prefix else "")
 
 

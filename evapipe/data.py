@@ -10,7 +10,6 @@ including the last, uneven step of each pass over the data.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
@@ -22,31 +21,21 @@ import torch
 
 from .config import DataConfig
 from .errors import ConfigError, DataError
-from .sources import BUILTIN_DATA, resolve_data_path  # noqa: F401 (torch-free home)
-
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-FILE_BUILDERS.update({suffix: "imagefolder" for suffix in IMAGE_SUFFIXES})  # class = parent folder name
+from .sources import FILE_BUILDERS, data_files, resolve_data_path
 
 
 def _local_files(path: str) -> list[str] | None:
-    """Data files named by a file, folder or glob; None when `path` looks like a hub id."""
-    p = Path(path)
-    if p.is_file():
-        return [str(p)]
-    if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in FILE_BUILDERS)
-        if not files:
+    """Data files named by a file, folder or glob (sources.data_files); None when `path` looks like a hub id."""
+    files = data_files(path)
+    if files is None:
+        if path.startswith((".", "/", "~")) or Path(path).suffix in FILE_BUILDERS:
+            raise DataError(f"data file not found: {path}")
+        return None
+    if not files:
+        if Path(path).expanduser().is_dir():
             raise DataError(f"data folder {path} holds no data files ({', '.join(FILE_BUILDERS)})")
-        return files
-    if any(c in path for c in "*?["):
-        files = sorted(glob.glob(path, recursive=True))
-        if not files:
-            raise DataError(f"data glob {path} matches no file")
-        return files
-    if path.startswith((".", "/", "~")) or Path(path).suffix in FILE_BUILDERS:
-        raise DataError(f"data file not found: {path}")
-    return None
+        raise DataError(f"data glob {path} matches no file")
+    return [str(f) for f in files]
 
 
 def _drop_empty(files: list[str], path: str) -> list[str]:

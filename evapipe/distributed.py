@@ -1,8 +1,13 @@
-"""The process group as EVA needs it: owners per layer, tokens routed to owners, agreement every step.
+"""The process group as EVA needs it: owners per PCA group, tokens routed to owners, agreement every step.
 
 One code path serves one process (`Comm()`: every call is local) and many (`TorchComm`: gloo on CPU, NCCL on
 GPU). Every step ends in an agreement that also carries an error flag: a rank that fails makes every rank
-raise (with the failing rank's message) at the next agreement instead of hanging in a collective.
+raise (with the failing rank's message) at the next agreement instead of hanging in a collective. `collectively`
+is the one way code runs a part that may fail on some ranks only:
+
+    with collectively(comm, values=local_sums) as shared:   # a failure inside is not raised here but agreed on
+        work()
+    total = shared.values        # local_sums() of every rank, summed; every rank gets here, or every rank raises
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import datetime
 import logging
 import os
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,7 +80,7 @@ class Comm:
         return obj
 
     def route(self, tokens: Mapping[str, torch.Tensor], owner: Mapping[str, int]) -> dict[str, torch.Tensor]:
-        """Each owner receives the rows all ranks captured for its layers (concatenated in rank order)."""
+        """Each owner receives the rows all ranks captured for its groups (concatenated in rank order)."""
         return dict(tokens)
 
     def gather_to_main(self, obj: Any) -> list[Any] | None:
@@ -117,7 +124,7 @@ class TorchComm(Comm):
         names = list(tokens)
         if not names:
             return {}
-        # per layer: rows and dtype code of every rank's tokens, so owners size their buffers (a rank with an
+        # per group: rows and dtype code of every rank's tokens, so owners size their buffers (a rank with an
         # empty share holds a placeholder whose dtype may differ from the others' real tokens)
         meta = torch.tensor([[tokens[n].shape[0] for n in names], [_dtype_code(tokens[n]) for n in names]],
                             dtype=torch.int64, device=self.device)
@@ -154,6 +161,32 @@ class TorchComm(Comm):
     def close(self) -> None:
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
+
+
+@dataclass
+class Shared:
+    """What a `collectively` block agreed on: the `values` of every rank, summed (None when none were given)."""
+
+    values: torch.Tensor | None = None
+
+
+@contextmanager
+def collectively(
+    comm: Comm, error: BaseException | None = None, values: Callable[[], torch.Tensor] | None = None
+) -> Iterator[Shared]:
+    """Run a block on every rank, then agree: if it failed on any rank (or this rank met `error` before it),
+    every rank raises, the failing ones their own error, the others a DistributedError naming it.
+
+    Every rank reaches the agreement (a rank that fails does not skip the collective the others wait in); a
+    block should do nothing when `error` is already set. `values()`, called after the block even when it
+    failed (it must not fail itself: the others wait for its sum), is summed over ranks into `Shared.values`.
+    """
+    shared = Shared()
+    try:
+        yield shared
+    except Exception as err:
+        error = error or err
+    shared.values = comm.agree(error, None if values is None else values())
 
 
 def local_device(requested: str = "auto") -> torch.device:

@@ -9,6 +9,7 @@ intermediate tensors and eager attention scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from .config import JobConfig
 from .errors import ConfigError
 from .memory import fmt_bytes, largest_unit, module_bytes

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 import torch
 
 EXTRA_RANDOM_DIRECTIONS = 8
-POWER_ITERATIONS = 0
 FIRST_POWER_ITERATIONS = 2
 YOUNG_SHARE = 1 / 4  # while a batch is more than this share of the tokens seen, one power iteration
 _RANK_EPS = 1e-6  # Cholesky pivot below this times the largest (cond(Y) > 1e6): take the exact path
@@ -137,7 +136,7 @@ def _orthonormalise(layers_blocks: list[list[torch.Tensor]]) -> list[list[torch.
     return [[b @ t[j] for b in blocks] for j, blocks in enumerate(layers_blocks)]
 
 
-def _start(layer: "_Layer", width: int) -> torch.Tensor:
+def _start(layer: _Layer, width: int) -> torch.Tensor:
     """(n, width): the previous components plus fresh directions drawn from the batch's own row space.
 
     The fresh directions are seeded random combinations of the batch's tokens (X^T omega, normalised): they lie
@@ -152,21 +151,24 @@ def _start(layer: "_Layer", width: int) -> torch.Tensor:
     return torch.cat([s.components.T, fresh], 1) if s.fitted else fresh
 
 
+def power_iterations(layers: list[_Layer]) -> int:
+    """FIRST_POWER_ITERATIONS on the cold start; once warm, one while a batch is over YOUNG_SHARE of the tokens
+    seen, else none (see the module docstring)."""
+    if layers[0].prev is None:
+        return FIRST_POWER_ITERATIONS
+    return int(max(layer.m / (layer.m + layer.state.n_seen) for layer in layers) > YOUNG_SHARE)
+
+
 def _randomised(layers: list[_Layer], k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Top-k singular values and right singular vectors of each layer's A; None if a basis was rank-deficient."""
     width = k + EXTRA_RANDOM_DIRECTIONS
     zs = [_start(layer, width) for layer in layers]
     q = _orthonormalise([layer.times(z) for layer, z in zip(layers, zs)])
-    if layers[0].prev is None:
-        iterations = FIRST_POWER_ITERATIONS
-    else:
-        young = max(layer.m / (layer.m + layer.state.n_seen) for layer in layers) > YOUNG_SHARE
-        iterations = POWER_ITERATIONS + int(young)
-    for _ in range(iterations):
+    for _ in range(power_iterations(layers)):
         if q is None:
             return None
         z = _orthonormalise([[layer.transposed_times(qj)] for layer, qj in zip(layers, q)])
-        q = None if z is None else _orthonormalise([l.times(zj[0].float()) for l, zj in zip(layers, z)])
+        q = None if z is None else _orthonormalise([lay.times(zj[0].float()) for lay, zj in zip(layers, z)])
     if q is None:
         return None
     b = torch.stack([layer.transposed_times(qj).mT for layer, qj in zip(layers, q)])  # B = Q^T A, (L, c, n)
@@ -242,12 +244,3 @@ def update_many(states: list[PCAState], inputs: list[torch.Tensor]) -> None:
         buckets[(s.n_features, s.n_track, s.fitted, x.device)].append(i)
     for idx in buckets.values():
         _update_bucket([states[i] for i in idx], [inputs[i] for i in idx])
-
-
-def converged(state: PCAState, needed: int, tau: float) -> bool:
-    """Whether the first `needed` components stopped moving (|cos| with the last estimate >= tau)."""
-    if needed == 0:
-        return True
-    if state.similarity is None:
-        return False
-    return bool((state.similarity[:needed] >= tau).all())

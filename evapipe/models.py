@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -10,8 +12,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .sources import BUILTIN_MODELS, resolve_model_path  # noqa: F401 (torch-free home)
-from .sources import VOLATILE_CONFIG_KEYS as _VOLATILE_CONFIG_KEYS
+from .sources import VOLATILE_CONFIG_KEYS, resolve_model_path
+from .targets import TRAINED_HEADS, linear_shape
 
 log = logging.getLogger("evapipe")
 
@@ -24,20 +26,37 @@ KIND_AUTO_CLASS = {
 }
 
 
+# model class-name suffix -> (evapipe model kind, PEFT task_type); the first match wins ("LMHeadModel" before "Model")
+CLASS_SUFFIXES = (
+    (("ForCausalLM", "LMHeadModel"), "causal-lm", "CAUSAL_LM"),
+    (("ForSequenceClassification",), "seq-cls", "SEQ_CLS"),
+    (("ForTokenClassification",), "encoder", "TOKEN_CLS"),
+    (("ForQuestionAnswering",), "encoder", "QUESTION_ANS"),
+    (("ForConditionalGeneration", "ForSeq2SeqLM"), "encoder", "SEQ_2_SEQ_LM"),
+    (("ForImageClassification",), "image-cls", None),
+    (("Model",), "encoder", "FEATURE_EXTRACTION"),
+)
+IMAGE_MODEL_TYPES = ("vit", "deit", "beit", "swin")
+
+
+def class_traits(class_name: str) -> tuple[str, str | None]:
+    """(evapipe kind, PEFT task_type or None) a model class name implies; ("encoder", None) when it says nothing."""
+    for suffixes, kind, task in CLASS_SUFFIXES:
+        if class_name.endswith(suffixes):
+            return kind, task
+    return "encoder", None
+
+
 def model_kind(config: Any, requested: str) -> str:
     """The model kind: as configured, or guessed from the architecture name and config type."""
     if requested != "auto":
         return requested
-    arch = (getattr(config, "architectures", None) or [""])[0]
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
-    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
-        return "causal-lm"
-    if arch.endswith("ForSequenceClassification"):
-        return "seq-cls"
-    if arch.endswith("ForImageClassification") or getattr(config, "model_type", "") in ("vit", "deit", "beit", "swin"):
+    kind, _ = class_traits((getattr(config, "architectures", None) or [""])[0])
+    if kind == "encoder" and getattr(config, "model_type", "") in IMAGE_MODEL_TYPES:
         return "image-cls"
-    return "encoder"
+    return kind
 
 
 def model_class(config: Any, kind: str) -> Any:
@@ -52,7 +71,6 @@ def model_class(config: Any, kind: str) -> Any:
 
 
 HEAD_KINDS = ("seq-cls", "image-cls")  # kinds whose task head a quantized load keeps in full precision
-HEAD_MODULES = ["classifier", "score"]  # the heads PEFT's SEQ_CLS task trains in full (modules_to_save)
 
 
 def _quantization(cfg: ModelConfig, dtype: torch.dtype, kind: str) -> Any:
@@ -70,7 +88,7 @@ def _quantization(cfg: ModelConfig, dtype: torch.dtype, kind: str) -> Any:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ConfigError("model.quantization needs bitsandbytes: pip install 'evapipe[bnb]'") from None
-    skip = HEAD_MODULES if kind in HEAD_KINDS else None
+    skip = list(TRAINED_HEADS) if kind in HEAD_KINDS else None
     if cfg.quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -186,14 +204,9 @@ def model_fingerprint(model: nn.Module) -> str:
     Logical shapes (in/out features), not stored weight shapes, so a 4-bit or 8-bit load of a model has the same
     fingerprint as its full-precision load.
     """
-    import hashlib
-    import json
-
-    from .targets import linear_shape
-
     cfg = getattr(model, "config", None)
     cfg_dict = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
-    cfg_dict = {k: v for k, v in sorted(cfg_dict.items()) if k not in _VOLATILE_CONFIG_KEYS}
+    cfg_dict = {k: v for k, v in sorted(cfg_dict.items()) if k not in VOLATILE_CONFIG_KEYS}
     shapes = []
     for name, module in model.named_modules():
         shape = linear_shape(module)

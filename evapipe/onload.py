@@ -156,8 +156,8 @@ class BlockInputs:
     args: tuple
     kwargs: dict[str, Any]
 
-    def to(self, device: torch.device) -> "BlockInputs":
-        from .engine import to_device
+    def to(self, device: torch.device) -> BlockInputs:
+        from .forward import to_device
 
         return BlockInputs(self.hidden.to(device), to_device(self.args, device), to_device(self.kwargs, device))
 

@@ -7,19 +7,20 @@ r=8 or r=4 directly. What the spectrum cannot serve (more components per layer t
 
 from __future__ import annotations
 
-import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from .budget import distribute_ranks, state_patterns
+from .assemble import assemble_state
 from .errors import ConfigError, StateError
+from .metadata import utc_now
+from .planning import Layout, allocate, component_caps, groups_with_singles
 from .state import EvaState, load_state
 
 
-def shared_groups(meta: dict) -> list[list[str]]:
+def shared_groups(meta: dict[str, Any]) -> list[list[str]]:
     """Every layer's PCA group (owner first): the recorded shared-input groups plus one group per other layer."""
-    grouped = [list(g) for g in meta.get("shared_inputs") or []]
-    seen = {n for g in grouped for n in g}
-    return grouped + [[n] for n in meta["ranks"] if n not in seen]
+    return groups_with_singles(meta.get("shared_inputs") or [], list(meta["ranks"]))
 
 
 def rebudget(state: EvaState, r: int, rho: float | None = None) -> EvaState:
@@ -28,54 +29,38 @@ def rebudget(state: EvaState, r: int, rho: float | None = None) -> EvaState:
     Layers whose r was set by a rank_pattern keep their own r; alphas are rescaled per eva.adjust_scaling_factors.
     A layer counts as converged only if it was and its rank did not grow (more components were never checked).
     """
-    meta = state.meta
-    rho = float(meta["rho"] if rho is None else rho)
+    meta = state.metadata
+    rho = float(meta.rho if rho is None else rho)
     if r < 1 or rho < 1.0:
         raise ConfigError(f"r must be >= 1 and rho >= 1, got r={r}, rho={rho}")
     if not state.spectrum:
         raise StateError("this state has no spectrum (its .spectrum.safetensors sidecar is missing, or it was "
                          "converted from PEFT), so it cannot be re-budgeted; compute it again")
-    groups = shared_groups(meta)
-    owner = {n: g[0] for g in groups for n in g}
-    layer_r = {n: (r if k == meta["r"] else int(k)) for n, k in meta["layer_r"].items()}
-    need = {n: min(round(layer_r[n] * rho), int(meta["in_features"][n])) for n in meta["ranks"]}
-    for g in groups:  # a shared PCA serves its largest member
-        top = max(need[n] for n in g)
-        need.update({n: top for n in g})
+    layout = Layout.of(shared_groups(state.meta))
+    owner = layout.owner_of
+    layer_r = {n: (r if k == meta.r else int(k)) for n, k in meta.layer_r.items()}
+    need = component_caps(layer_r, rho, meta.in_features, layout.groups)
     short = []
     for n, k in need.items():
         key = f"{owner[n]}.components"
         if key not in state.spectrum:
             raise StateError(f"the spectrum has no entry {key}: it does not belong to this state")
-        stored = min(state.spectrum[key].shape[0], len(meta["explained_variance"][n]))
+        stored = min(state.spectrum[key].shape[0], len(meta.explained_variance[n]))
         if k > stored:
             short.append(f"{n} needs {k}, has {stored}")
     if short:
         raise StateError(
-            f"r={r}, rho={rho:g} needs more components than the state keeps (it was computed with r={meta['r']}, "
-            f"rho={meta['rho']:g}): {'; '.join(short[:3])}{' ...' if len(short) > 3 else ''}. Choose a smaller r or "
+            f"r={r}, rho={rho:g} needs more components than the state keeps (it was computed with r={meta.r}, "
+            f"rho={meta.rho:g}): {'; '.join(short[:3])}{' ...' if len(short) > 3 else ''}. Choose a smaller r or "
             "rho, or compute the state again with a larger one"
         )
-    ratios = {n: meta["explained_variance"][n][: need[n]] for n in meta["ranks"]}
-    ranks = distribute_ranks(ratios, sum(layer_r.values()), need, groups)
-    tensors = {}
-    for n, k in ranks.items():
-        if k > 0:
-            a = state.spectrum[f"{owner[n]}.components"][:k].clone().float()
-            if meta["whiten"]:
-                a /= state.spectrum[f"{owner[n]}.singular_values"][:k].clamp_min(1e-12).sqrt().unsqueeze(1)
-            tensors[n] = a
-    rank_pattern, alpha_pattern = state_patterns(ranks, layer_r, meta["layer_alpha"], r, meta["lora_alpha"],
-                                                 meta["adjust_scaling_factors"])
-    old_ranks = state.ranks
-    new_meta = dict(
-        meta, r=r, rho=rho, layer_r=layer_r, ranks=ranks, max_components=need, rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern, converged={n: bool(meta["converged"].get(n)) and ranks[n] <= old_ranks[n]
-                                                for n in ranks},
-        store_key=None, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        rebudgeted_from={k: meta.get(k) for k in ("r", "rho", "store_key", "created")},
-    )
-    return EvaState(tensors, new_meta, dict(state.spectrum))
+    ratios = {o: meta.explained_variance[o][: need[o]] for o in layout.owners}
+    ranks = allocate(ratios, layout, sum(layer_r.values()), need, list(meta.ranks))
+    converged = {n: bool(meta.converged.get(n)) and ranks[n] <= meta.ranks[n] for n in ranks}
+    provenance = {"r": meta.r, "rho": meta.rho, "store_key": meta.store_key, "created": meta.created}
+    new = replace(meta, r=r, rho=rho, layer_r=layer_r, ranks=ranks, max_components=need, converged=converged,
+                  store_key=None, created=utc_now(), extra=meta.extra | {"rebudgeted_from": provenance})
+    return assemble_state(new, state.spectrum, owner)
 
 
 def rebudget_file(state_path: str | Path, output: str | Path, r: int, rho: float | None = None) -> EvaState:

@@ -30,17 +30,21 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any
 
 import torch
 
 from . import ipca
+from .agreement import Agreement
 from .capture import shared_input_groups
 from .config import EvaSettings
-from .distributed import Comm
-from .engine import EvaRun, to_device
+from .distributed import Comm, collectively
+from .engine import EvaRun
 from .errors import ConfigError, DataError
+from .forward import to_device
 from .onload import BlockInputs, BlockModel
+from .planning import Layout, next_step
 
 HOST = torch.device("cpu")
 
@@ -96,7 +100,7 @@ def _copy(s: ipca.PCAState, device: torch.device) -> ipca.PCAState:
 
 
 class SequentialRun(EvaRun):
-    """EvaRun over a BlockModel: the same PCAs, agreements, ranks and checkpoints, driven round by round."""
+    """EvaRun over a BlockModel: the same PCA pool, agreements, decisions and checkpoints, driven round by round."""
 
     def __init__(
         self,
@@ -109,7 +113,7 @@ class SequentialRun(EvaRun):
         round_size: int = 8,
     ):
         super().__init__(blocks.model, settings, comm, forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn)
-        self.blocks, self.round_size, self.device = blocks, round_size, blocks.device
+        self.blocks, self.round_size = blocks, round_size
         prefix = f"{blocks.blocks_name}."
         outside = [n for n in self.names if not n.startswith(prefix)]
         if outside:
@@ -125,93 +129,90 @@ class SequentialRun(EvaRun):
         """Run a batch up to the first block; its call waits on the host."""
         if batch is None:
             return _InFlight(None, None, None)
-        batch = to_device(batch, self.device)
-        model_input, selector = self.token_selection(batch)
+        src = self.source
+        batch = to_device(batch, self.blocks.device)
+        model_input, selector = src.selection(batch)
         t0 = time.perf_counter()
-        call = self.blocks.block_inputs(lambda: self.forward_fn(self.model, batch))
-        self.stats.forward_s += time.perf_counter() - t0
+        call = self.blocks.block_inputs(lambda: src.forward_fn(src.model, batch))
+        src.forward_s += time.perf_counter() - t0
         return _InFlight(call.to(HOST), selector, model_input)
 
     def _through(self, block: torch.nn.Module, item: _InFlight, first: bool = False) -> dict[str, torch.Tensor]:
         """One batch through one block: its active layers' tokens; the batch moves on to the next block."""
         if item.call is None:
             return {}
-        self.capture.selector, self.capture.model_input = item.selector, item.model_input
-        out: list[torch.Tensor] = []
-        call = item.call.to(self.device)
+        src, out = self.source, []
+        call = item.call.to(self.blocks.device)
         t0 = time.perf_counter()
-        with self.streams.watching():
-            tokens = self.capture.run(lambda: out.append(self.blocks.call(block, call)), first=first)
-        self.stats.forward_s += time.perf_counter() - t0
+        with src.streams.watching():
+            src.capture.select(item.selector, item.model_input)
+            tokens = src.capture.run(lambda: out.append(self.blocks.call(block, call)), first)
+        src.forward_s += time.perf_counter() - t0
         item.call = BlockInputs(out[0].to(HOST), item.call.args, item.call.kwargs) if out else None
         return tokens
 
-    def _layout(self, item: _InFlight) -> tuple[list[list[str]], list[str]]:
+    def _capture_only(self, names: Iterable[str]) -> None:
+        """The next passes keep these layers' inputs and run whole blocks (a block's output feeds the next)."""
+        capture = self.source.capture
+        capture.active, capture.stop_at = set(names), None
+
+    def _layout(self, item: _InFlight) -> Layout:
         """Shared-input groups and execution order from the first batch, pushed through the blocks one by one."""
         groups: list[list[str]] = []
         order: list[str] = []
+        capture = self.source.capture
         for i in range(max(self.block_of.values()) + 1):
             names = [n for n in self.names if self.block_of[n] == i]
-            self.capture.active, self.capture.stop_at = set(names), None
+            self._capture_only(names)
             with self.blocks.onloaded(i) as block:
                 self._through(block, item, first=bool(names))
-            if names and self.capture.raw:
-                groups += shared_input_groups(self.capture.raw, names)
-                order += self.capture.order
+            if names and capture.raw:
+                groups += shared_input_groups(capture.raw, names)
+                order += capture.order
         if not groups:
             raise ConfigError("the first batch reached none of the target layers; check eva.target_modules")
-        return groups, order
+        return Layout.of(groups, order)
 
     def _feed(self, owners: Sequence[str], tokens: dict[str, torch.Tensor], rows: dict[str, list[int]],
               copies: dict[str, list[ipca.PCAState]]) -> None:
         """Route one batch's tokens of `owners` to their owner ranks, update, and keep a copy of each PCA."""
-        dtype = next(iter(tokens.values())).dtype if tokens else torch.float32
-        local = {o: tokens.get(o, torch.empty(0, self.width[o], dtype=dtype, device=self.device)) for o in owners}
-        for o, v in local.items():
-            rows[o].append(int(v.shape[0]))
-        t0 = time.perf_counter()
-        routed = self.comm.route({o: v.to(self.comm.device) for o, v in local.items()}, self.owner_rank)
-        self.stats.comm_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        mine = [o for o in owners if o in self.states]
-        ipca.update_many([self.states[o] for o in mine], [routed[o].to(self.device) for o in mine])
-        self.stats.pca_tokens += sum(int(routed[o].shape[0]) for o in mine)
-        self.stats.svd_s += time.perf_counter() - t0
-        for o in mine:
-            copies[o].append(_copy(self.states[o], HOST))  # the round's copies wait in host memory
+        for o in owners:
+            rows[o].append(int(tokens[o].shape[0]) if o in tokens else 0)
+        pool = self.pool
+        routed = pool.route(tokens, owners)
+        with collectively(self.comm):
+            pool.update(routed)
+        for o in owners:
+            if o in pool.states:
+                copies[o].append(_copy(pool.states[o], HOST))  # the round's copies wait in host memory
 
     def _round(self, batches: list[tuple[Any, BaseException | None]], after_step: Callable[[], bool]) -> int:
         """One round over `batches` (this rank's shares); returns how many steps it took (a prefix of them)."""
         error = next((e for _, e in batches if e is not None), None)
         items: list[_InFlight] = []
-        layout, layout_item, first = None, None, self.progress.groups is None
-        if error is None:
-            try:
+        layout, layout_item, first = None, None, self.progress.layout is None
+        with collectively(self.comm, error):
+            if error is None:
                 with self.blocks.head():
                     items = [self._enter(b) for b, _ in batches]
                     layout_item = self._enter(first_rows(batches[0][0])) if first and self.comm.is_main else None
                 if layout_item is not None:  # rank 0's layout for every rank, as in memory
                     layout = self._layout(layout_item)
-            except Exception as err:  # surfaced on every rank by the agreement below
-                error = err
-        self.comm.agree(error)
         if first:
-            self._set_groups(*self.comm.broadcast(layout))
-        owners = self.owners
-        fed = [o for o in owners if not self.done[o]]
+            self._adopt(self.comm.broadcast(layout))
+        owners = self.progress.layout.owners
+        needed = next_step(self.progress.verdict).needed  # every PCA at the first step
+        fed = [o for o in owners if o in needed]
         rows: dict[str, list[int]] = {o: [] for o in fed}
-        copies: dict[str, list[ipca.PCAState]] = {o: [] for o in fed if o in self.states}
+        copies: dict[str, list[ipca.PCAState]] = {o: [] for o in fed if o in self.pool.states}
         for i in range(max(self.block_of[o] for o in fed) + 1):
             here = [o for o in fed if self.block_of[o] == i]
-            self.capture.active, self.capture.stop_at = set(here), None
+            self._capture_only(here)
             with self.blocks.onloaded(i) as block:
                 for item in items:
-                    tokens, error = {}, None
-                    try:
+                    tokens = {}
+                    with collectively(self.comm):
                         tokens = self._through(block, item)
-                    except Exception as err:
-                        error = err
-                    self.comm.agree(error)
                     if here:
                         self._feed(here, tokens, rows, copies)
         return self._replay(owners, fed, rows, copies, len(items), after_step)
@@ -220,19 +221,22 @@ class SequentialRun(EvaRun):
                 copies: dict[str, list[ipca.PCAState]], n: int, after_step: Callable[[], bool]) -> int:
         """The in-memory loop's decisions over the round's batches; each PCA set back to its copy after the last
         batch it would have been fed."""
-        ledger = RoundLedger(set(fed), owners)
+        ledger, p, width = RoundLedger(set(fed), owners), self.progress, max(self.caps.values())
         taken = 0
         for j in range(n):
-            needed = {o for o in owners if not self.done[o]}
+            needed = set(fed) if j == 0 else set(next_step(p.verdict).needed)
             if not ledger.admit(needed):
                 break
             for o in needed & set(copies):
-                self.states[o] = _copy(copies[o][j], self.device)
+                self.pool.states[o] = _copy(copies[o][j], self.pool.device)
             first_fed = next((o for o in owners if o in needed), None)
             n_local = rows[first_fed][j] if first_fed is not None else 0
-            self.stats.tokens += n_local
-            self._agree_and_plan(None, n_local)
-            self.progress.step += 1
+            self.tokens_read += n_local
+            share = partial(self._local_agreement, n_local, owners, width)
+            with collectively(self.comm, values=share) as shared:
+                pass
+            self._decide(Agreement.unpack(shared.values, owners, width, self.caps))
+            p.step += 1
             taken += 1
             if after_step():
                 break
@@ -249,12 +253,12 @@ class SequentialRun(EvaRun):
                    initial=self.progress.step)
 
         def after_step() -> bool:
+            p = self.progress
             bar.update(1)
-            n_done = sum(len(g) for g in self.progress.groups if self.done[g[0]])
-            bar.set_postfix_str(f"{n_done}/{len(self.names)} layers converged")
+            bar.set_postfix_str(f"{len(p.layout.members(p.verdict.passed()))}/{len(self.names)} layers converged")
             if on_step is not None:
                 on_step(self)
-            return all(self.done.values()) or (max_batches is not None and self.progress.step >= max_batches)
+            return self.done or (max_batches is not None and p.step >= max_batches)
 
         it = iter(batches)
         waiting: list[tuple[Any, BaseException | None]] = []  # read, not yet taken by a round
@@ -274,8 +278,8 @@ class SequentialRun(EvaRun):
                         break
                 taken = self._round(waiting[:size], after_step)
                 waiting = waiting[taken:]
-                if all(self.done.values()):
+                if self.done:
                     break
         finally:
             bar.close()
-            self.capture.remove()
+            self.source.close()

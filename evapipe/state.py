@@ -6,11 +6,7 @@ Beside the state, `<stem>.spectrum.safetensors` keeps every shared PCA's full sp
 and singular values), so the state can be re-budgeted without a forward pass; both files carry the same
 `spectrum_id`, so a sidecar from another write is never mistaken for this state's.
 
-Format versions (`format_version`; the loader reads every one evapipe has shipped, via MIGRATIONS):
-  1  evapipe 0.1.0: the layout above.
-  2  adds `store_key` (the store key of the job that computed it, or null), `layer_alpha` (each layer's alpha
-     before rank scaling, so re-budgeting gives every layer its own alpha back) and `spectrum_id`; `layer_r` is
-     always present.
+The metadata's fields, format versions and migrations are in metadata.py.
 Reading metadata needs neither torch nor the tensors, so `evapipe show/list` and cache lookups stay fast.
 """
 
@@ -28,47 +24,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import StateError
+from .metadata import FORMAT, LAYER_KEYED, StateMeta, migrate
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("evapipe")
 
-FORMAT = "evapipe.eva"
 SPECTRUM_FORMAT = FORMAT + ".spectrum"
-FORMAT_VERSION = 2
 TEXT_KEYS = ("format", "task", "created")  # every other metadata value is JSON
 PEFT_PREFIX = "base_model.model."
-# what every state has once migrated to FORMAT_VERSION (readers such as report and rebudget rely on these)
-REQUIRED_KEYS = (
-    "task", "r", "lora_alpha", "ranks", "in_features", "layer_r", "layer_alpha", "rank_pattern", "alpha_pattern",
-    "explained_variance", "converged",
-)
 MAX_HEADER = 100_000_000
-
-
-def _v1_to_v2(meta: dict[str, Any]) -> dict[str, Any]:
-    """v1 lacks store_key, spectrum_id and layer_alpha; layer_alpha is recovered by undoing the rank scaling."""
-    ranks, r, alpha = meta["ranks"], meta["r"], meta["lora_alpha"]
-    layer_r = meta.get("layer_r") or {n: r for n in ranks}
-    scaled = meta.get("alpha_pattern") or {}
-    adjust = meta.get("adjust_scaling_factors", True)
-    layer_alpha = {}
-    for n, rank in ranks.items():
-        a = scaled.get(n, alpha)
-        if adjust:  # v1 stored alpha * rank / r; at rank 0 that is 0 and the base alpha is lost: assume lora_alpha
-            a = round(a * layer_r[n] / rank, 10) if rank > 0 else alpha
-        layer_alpha[n] = a
-    return {**meta, "format_version": 2, "layer_r": layer_r, "layer_alpha": layer_alpha, "store_key": None,
-            "spectrum_id": None}
-
-
-# format_version -> function upgrading that version's parsed metadata to the next version
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
-
-
-LAYER_KEYED = ("ranks", "in_features", "layer_r", "layer_alpha", "max_components", "rank_pattern", "alpha_pattern",
-               "explained_variance", "singular_values", "converged")  # metadata keyed by layer name
 
 
 @dataclass
@@ -95,10 +61,15 @@ class EvaState:
     def alpha_pattern(self) -> dict[str, float]:
         return self.meta["alpha_pattern"]
 
+    @property
+    def metadata(self) -> StateMeta:
+        """The metadata, typed."""
+        return StateMeta.from_dict(self.meta)
+
     def total_rank(self) -> int:
         return sum(self.ranks.values())
 
-    def under(self, prefix: str) -> "EvaState":
+    def under(self, prefix: str) -> EvaState:
         """The same state for a model that holds the one it was computed on at `prefix` (`bert.` in a
         BertForSequenceClassification around the BertModel the state was computed on): every name gains it."""
         if not prefix:
@@ -116,7 +87,7 @@ class EvaState:
         import torch
 
         out = {}
-        for name, rank in self.ranks.items():
+        for name in self.ranks:
             t = self.tensors.get(name)
             if t is None:
                 t = torch.zeros(0, self.meta["in_features"][name])
@@ -171,15 +142,20 @@ def write_temp(path: Path, write: Callable[[str], None]) -> str:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) make it private; a state file is not
+        make_public(tmp, 0o666)  # mkstemp (and safetensors) make it private; a state file is not
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     except BaseException:
         os.unlink(tmp)
         raise
     return tmp
+
+
+def make_public(path: str | Path, mode: int) -> None:
+    """chmod `path` to `mode` less the process umask: what a plain open() or mkdir() would have given it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -223,32 +199,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise StateError(f"{path}: metadata is corrupt ({err})") from None
     return migrate(meta, path)
-
-
-def migrate(meta: dict[str, Any], path: str | Path = "state") -> dict[str, Any]:
-    """Upgrade parsed metadata of any shipped format_version to FORMAT_VERSION; refuse newer or unknown ones."""
-    version = meta.get("format_version")
-    is_int = isinstance(version, int) and not isinstance(version, bool)
-    if is_int and version > FORMAT_VERSION:
-        raise StateError(
-            f"{path} has format_version {version}, newer than this evapipe reads (format_version {FORMAT_VERSION}); "
-            "upgrade evapipe to read it"
-        )
-    if not is_int or (version != FORMAT_VERSION and version not in MIGRATIONS):
-        known = ", ".join(str(v) for v in sorted({*MIGRATIONS, FORMAT_VERSION}))
-        raise StateError(
-            f"{path} has an unknown format_version {version!r}; this evapipe reads format_version {known} "
-            f"(current: {FORMAT_VERSION})"
-        )
-    try:
-        while meta["format_version"] < FORMAT_VERSION:
-            meta = MIGRATIONS[meta["format_version"]](meta)
-    except (KeyError, TypeError, AttributeError, ZeroDivisionError) as err:
-        raise StateError(f"{path}: format_version {version} metadata is incomplete or corrupt ({err!r})") from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(meta.get(k), (dict, list, str, int, float))]
-    if missing:
-        raise StateError(f"{path}: metadata lacks {', '.join(missing)} (format_version {version})")
-    return meta
 
 
 def load_state(path: str | Path, with_spectrum: bool = True) -> EvaState:

@@ -11,7 +11,6 @@ one model, or one task on two models, sit side by side.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -23,7 +22,7 @@ from typing import Any
 
 from .config import DataConfig, JobConfig, ModelConfig
 from .errors import StateError
-from .sources import VOLATILE_CONFIG_KEYS, resolve_data_path, resolve_model_path
+from .sources import VOLATILE_CONFIG_KEYS, data_files, files_under, resolve_data_path, resolve_model_path
 from .state import FORMAT, read_header, read_metadata, spectrum_path
 
 log = logging.getLogger("evapipe")
@@ -50,19 +49,10 @@ def _file_sha(path: Path, h: Any | None = None) -> Any:
     return h
 
 
-def _files_under(path: Path) -> list[Path]:
-    """Regular files in a folder, recursively, in a stable order, hidden files and folders left out."""
-    out = []
-    for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
-    return out
-
-
 def model_folder_digest(folder: Path) -> str:
     """config.json without its load/save-only keys, small files by content, large (weights) by size and mtime."""
     entries = []
-    for f in _files_under(folder):
+    for f in files_under(folder):
         rel = f.relative_to(folder).as_posix()
         if rel == "config.json":
             try:
@@ -79,18 +69,6 @@ def model_folder_digest(folder: Path) -> str:
         else:
             entries.append((rel, st.st_size, st.st_mtime_ns))
     return digest(entries, 32)
-
-
-def data_files(path: str) -> list[Path] | None:
-    """The local files a data path names (a file, every file in a folder, or a glob); None for a hub id."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        return _files_under(p)
-    if any(c in path for c in "*?["):
-        return [Path(f) for f in sorted(glob.glob(path, recursive=True)) if Path(f).is_file()]
-    return None
 
 
 def model_part(cfg: ModelConfig) -> dict[str, Any]:

@@ -17,9 +17,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import token_mask
-
 INPUT, DECODER = "input", "decoder"
+
+
+def _label_masked(mask: torch.Tensor, labels: Any, use_label_mask: bool, label_mask_value: int) -> torch.Tensor:
+    """`mask` less the tokens whose label is label_mask_value, when labels of the mask's shape are given."""
+    if use_label_mask and isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
+        return mask & (labels != label_mask_value)
+    return mask
+
+
+def token_mask(inputs: Mapping[str, Any], use_label_mask: bool, label_mask_value: int) -> torch.Tensor | None:
+    """Boolean (batch, seq) mask of tokens that count: attention mask and, optionally, labels != mask value."""
+    mask = inputs.get("attention_mask")
+    ids = inputs.get("input_ids")
+    if mask is None and ids is None:
+        return None
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    return _label_masked(mask, inputs.get("labels"), use_label_mask, label_mask_value)
 
 
 def stream_masks(
@@ -42,10 +57,7 @@ def stream_masks(
         if mask is None and labels is not None:
             mask = torch.ones_like(labels, dtype=torch.bool)
         if mask is not None:
-            mask = mask.bool()
-            if use_label_mask and labels is not None and labels.shape == mask.shape:
-                mask = mask & (labels != label_mask_value)
-            masks[DECODER] = mask
+            masks[DECODER] = _label_masked(mask.bool(), labels, use_label_mask, label_mask_value)
     return masks
 
 

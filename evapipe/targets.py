@@ -10,7 +10,8 @@ from torch import nn
 
 from .errors import ConfigError
 
-OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "cls", "qa_outputs")
+TRAINED_HEADS = ("classifier", "score")  # the heads PEFT's SEQ_CLS task trains in full (modules_to_save)
+OUTPUT_HEAD_NAMES = ("lm_head", *TRAINED_HEADS, "cls", "qa_outputs")
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ from transformers import (  # noqa: E402
 
 from evapipe import compute_eva_state, load_config, load_state  # noqa: E402
 from evapipe.apply import apply_eva_state  # noqa: E402
-from evapipe.data import load_rows, make_collator, rank_batches, resolve_data_path  # noqa: E402
-from evapipe.models import resolve_model_path  # noqa: E402
+from evapipe.data import load_rows, make_collator, rank_batches  # noqa: E402
+from evapipe.sources import resolve_data_path, resolve_model_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ MINILM_TARGETS = ["query", "key", "value", "attention.output.dense", "intermedia
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from evapipe.models import resolve_model_path
+    from evapipe.sources import resolve_model_path
 
     return resolve_model_path("builtin:minilm")
 

@@ -14,8 +14,8 @@ import torch
 
 from conftest import write_image_folder
 from evapipe import config_from_dict, run_job
-from evapipe.compute import import_callable
 from evapipe.data import load_rows, make_collator, rank_batches
+from evapipe.job import import_callable
 from evapipe.models import load_model, load_processor
 from evapipe.state import strip_peft_prefix
 

@@ -37,7 +37,7 @@ def test_weights_and_pca_state_match_the_real_model_and_run(tiny_llama_dir):
     ids = torch.randint(0, 100, (4, 32))
     with torch.no_grad():
         run.step({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    real = sum(t.numel() * t.element_size() for s in run.states.values()
+    real = sum(t.numel() * t.element_size() for s in run.pool.states.values()
                for t in (s.components, s.singular_values, s.mean, s.var) if t is not None)
     assert est["none"].pca == real
 

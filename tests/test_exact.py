@@ -35,7 +35,7 @@ def tokens_read(model: nn.Module, batches: list[dict], names: list[str]) -> dict
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for b in batches:
         cap.selector = TokenSelector({"input": b["attention_mask"].bool()})
-        for name, x in cap.run(lambda: model(**b)).items():
+        for name, x in cap.run(lambda b=b: model(**b)).items():
             seen[name].append(x)
     cap.remove()
     return {n: torch.cat(x) for n, x in seen.items()}

@@ -194,17 +194,17 @@ def test_seq2seq_layers_read_their_own_side_when_lengths_match(tiny_model_dir):
                for n in layers]
     run = EvaRun(model, EvaSettings(r=2, rho=1.0, target_modules=layers))
     with torch.no_grad():
-        tokens = run._forward(batch, first=True)
+        tokens = run.source.forward(batch, first=True)
     for h in handles:
         h.remove()
-    run.capture.remove()
+    run.source.close()
     enc, dec = attention_mask.bool(), labels != -100
     assert int(enc.sum()) == 9 and int(dec.sum()) == 10
     assert torch.equal(tokens[enc_q], seen[enc_q][enc])
     assert torch.equal(tokens[dec_q], seen[dec_q][dec])
     assert torch.equal(tokens[cross_q], seen[cross_q][dec])  # cross-attention queries: decoder tokens
     assert torch.equal(tokens[cross_k], seen[cross_k][enc])  # cross-attention keys: the encoder's tokens
-    assert run.streams.stream == {enc_q: "input", dec_q: "decoder", cross_q: "decoder", cross_k: "input"}
+    assert run.source.streams.stream == {enc_q: "input", dec_q: "decoder", cross_q: "decoder", cross_k: "input"}
 
 
 @pytest.mark.parametrize("arch, kind, cls", [

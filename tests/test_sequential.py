@@ -3,22 +3,17 @@ batches (each model kind, any round size, one and two processes, resumed after S
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
+from test_distributed import compute, torchrun
+from test_kinds import job_config
+from test_resume import kill_then_rerun
 
 from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_config, load_state, run_job
-from evapipe.checkpoint import checkpoint_dir, latest
+from evapipe.checkpoint import checkpoint_dir
 from evapipe.errors import ConfigError
 from evapipe.sequential import RoundLedger, first_rows
-from test_distributed import compute, torchrun
-from test_kinds import KINDS, job_config
 
 
 def assert_same_state(a, b, exact: bool) -> None:
@@ -65,9 +60,9 @@ def test_every_kind_gives_the_in_memory_state(kind, tmp_path, tiny_model_dir):
 
 
 def _raw(cfg) -> dict:
-    from evapipe.config import to_dict
+    import dataclasses
 
-    return to_dict(cfg)
+    return dataclasses.asdict(cfg)
 
 
 @pytest.mark.parametrize("tau, rho, round_ends", [(0.9, 2.0, False), (0.99, 4.0, True)])
@@ -148,22 +143,9 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_state(tmp_path, tiny_ll
     out = tmp_path / "eva.safetensors"
     cfg_path = write_config(tmp_path / "job.yaml", **job(out))
     reference = run_job(config_from_dict(job(tmp_path / "ref.safetensors")), show_progress=False).state
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cmd = [sys.executable, "-m", "evapipe.compute", "--config", str(cfg_path), "--no-progress"]
-    ckpt = checkpoint_dir(out)
-    proc = subprocess.Popen(cmd, env=dict(env, EVAPIPE_TEST_DELAY="0.3"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while latest(ckpt) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    _, stderr = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, stderr
-    step = latest(ckpt)[1]["loop"]["progress"]["step"]
-    assert 2 <= step < 10 and not out.exists()
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"resuming from {ckpt} at batch " in rerun.stderr
+    step, stderr = kill_then_rerun(cfg_path, out, delay=0.3)
+    assert 2 <= step < 10
+    assert f"resuming from {checkpoint_dir(out)} at batch " in stderr
     assert_same_state(reference, load_state(out), exact=True)
 
 

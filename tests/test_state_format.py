@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO
 from evapipe.errors import StateError
-from evapipe.state import FORMAT_VERSION, MIGRATIONS, load_state, read_metadata, spectrum_path
+from evapipe.metadata import FORMAT_VERSION, MIGRATIONS
+from evapipe.state import load_state, read_metadata, spectrum_path
 
 FIXTURES = REPO / "tests" / "fixtures"
 V1, V2 = FIXTURES / "state_v1.safetensors", FIXTURES / "state_v2.safetensors"

@@ -1,0 +1,213 @@
+"""The compute job: config -> model + data -> EVA loop -> state file, on one process or many.
+
+Launched by `python -m evapipe.compute` / `evapipe compute` (see compute.py), on every rank. Imports of torch,
+transformers and the engine happen inside `run_job`, after the store lookup, so that a cache hit answers without
+them (about a second instead of several).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import JobConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .distributed import Comm
+    from .engine import EvaRun, RankStats
+    from .state import EvaState
+
+log = logging.getLogger("evapipe")
+
+
+@dataclass
+class JobResult:
+    path: Path | None
+    state: EvaState | None  # on rank 0, None elsewhere (and on a cache hit)
+    seconds: float
+    rank_stats: list[RankStats]
+    cached: bool = False
+
+
+def import_callable(spec: str | None, key: str) -> Any:
+    """`package.module:function` -> the function, for hooks named in a config."""
+    if spec is None:
+        return None
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"`{key}` must look like `package.module:function`, got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"`{key}`: cannot import {spec!r} ({err})") from None
+    if not callable(fn):
+        raise ConfigError(f"`{key}`: {spec!r} is not callable")
+    return fn
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, warnings and errors only (no loading progress bars) on the others."""
+    logging.basicConfig(format="%(asctime)s evapipe: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    if rank != 0:  # read when transformers / datasets are imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def output_paths(cfg: JobConfig, key: str) -> list[Path]:
+    """Where the state goes: the store entry (when output.store is set) first, then output.path."""
+    from .store import STATE_FILE, state_dir
+
+    paths = [state_dir(cfg.output.store, cfg, key) / STATE_FILE] if cfg.output.store else []
+    if cfg.output.path and Path(cfg.output.path).resolve() not in [p.resolve() for p in paths]:
+        paths.append(Path(cfg.output.path))
+    return paths
+
+
+def cached_result(key: str, paths: list[Path], start: float) -> JobResult | None:
+    """A store hit for this job (copied to output.path too), or None. Reads file headers only: no torch import."""
+    import shutil
+
+    from .state import atomic_write, read_metadata, spectrum_path
+    from .store import lookup
+
+    hit = lookup(paths[0], key)
+    if hit is None:
+        return None
+    meta = read_metadata(hit)
+    log.info("cache hit: %s already holds this job's state (task %s, model %s, r=%s, rho=%s, computed %s); "
+             "no forward pass. --force recomputes it.", hit, meta["task"], (meta.get("model") or {}).get("id"),
+             meta["r"], meta.get("rho"), meta.get("created"))
+    for extra in paths[1:]:
+        for src, dst in ((spectrum_path(hit), spectrum_path(extra)), (hit, extra)):
+            if src.is_file():
+                atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        log.info("copied it to %s", extra)
+    return JobResult(hit, None, time.perf_counter() - start, [], cached=True)
+
+
+def run_job(cfg: JobConfig, show_progress: bool = True, force: bool = False, restart: bool = False) -> JobResult:
+    """Run a validated job config; rank 0 writes the state file and returns it.
+
+    With output.store, a state already stored for the same job is returned at once (JobResult.cached, .state None:
+    load_state(result.path)) unless `force`. A checkpoint beside the output (output.checkpoint_every) is resumed
+    from; one of another config or world size is refused unless `restart` discards it.
+    """
+    from .store import job_identity
+
+    start = time.perf_counter()
+    setup_logging(int(os.environ.get("RANK", "0")))  # the launcher's rank: the process group's, before it exists
+    job = job_identity(cfg)
+    paths = output_paths(cfg, job["key"])
+    if cfg.output.store and not force:
+        cached = cached_result(job["key"], paths, start)
+        if cached is not None:
+            return cached
+
+    from .distributed import init_comm, local_device
+
+    device = local_device(cfg.model.device)
+    comm = init_comm(device, cfg.distributed.timeout_s, cfg.distributed.backend)
+    try:
+        return _compute(cfg, comm, device, job, paths, show_progress, restart, start)
+    finally:
+        comm.close()
+
+
+@dataclass
+class _Loaded:
+    """What a job computes on: the run around the model, the rows, and how they become batches."""
+
+    run: EvaRun
+    rows: Any  # a datasets.Dataset
+    collate: Any  # rows -> a batch (data.make_collator)
+    kind: str
+
+
+def _load(cfg: JobConfig, comm: Comm, device: torch.device) -> _Loaded:
+    from .data import load_rows, make_collator
+    from .engine import EvaRun
+    from .models import load_blocks, load_model, load_processor
+    from .sequential import SequentialRun
+
+    hooks = cfg.hooks
+    forward_fn = import_callable(hooks.forward_fn, "hooks.forward_fn")
+    model_fn = import_callable(hooks.prepare_model_inputs_fn, "hooks.prepare_model_inputs_fn")
+    layer_fn = import_callable(hooks.prepare_layer_inputs_fn, "hooks.prepare_layer_inputs_fn")
+    log.info("loading %s on %s (world size %d)", cfg.model.name_or_path, device, comm.world)
+    if cfg.model.offload == "sequential":
+        blocks, kind = load_blocks(cfg.model, device)
+        run = SequentialRun(blocks, cfg.eva, comm, forward_fn, model_fn, layer_fn, cfg.model.sequential_round)
+    else:
+        model, kind = load_model(cfg.model, device)
+        run = EvaRun(model, cfg.eva, comm, forward_fn, model_fn, layer_fn)
+    processor = load_processor(cfg.model, kind)
+    rows = load_rows(cfg.data, kind)
+    return _Loaded(run, rows, make_collator(processor, cfg.data, kind), kind)
+
+
+def _provenance(cfg: JobConfig, job: dict[str, Any], loaded: _Loaded) -> dict[str, Any]:
+    """The metadata a job adds to the engine's: task, store key, where the model and the data came from."""
+    from .data import data_columns, dataset_fingerprint
+    from .models import model_info
+
+    model = model_info(loaded.run.source.model, cfg.model.name_or_path, cfg.model.revision)
+    d = cfg.data
+    return {
+        "task": cfg.task,
+        "store_key": job["key"],
+        "model": model | {"dtype": cfg.model.dtype, "quantization": cfg.model.quantization, "kind": loaded.kind},
+        "dataset": {
+            "id": d.path, "name": d.name, "split": d.split, "samples": len(loaded.rows),
+            "fingerprint": dataset_fingerprint(loaded.rows, data_columns(d, loaded.kind)), "max_length": d.max_length,
+        },
+    }
+
+
+def _compute(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[str, Any], paths: list[Path], show_progress: bool,
+             restart: bool, start: float) -> JobResult:
+    import torch
+
+    from . import checkpoint
+    from .data import rank_batches
+    from .distributed import collectively
+    from .report import job_summary
+
+    ckpt = checkpoint.checkpoint_dir(paths[0])
+    with collectively(comm):  # every rank stops with the first rank's error
+        loaded = _load(cfg, comm, device)
+    run = loaded.run
+    log.info("%d samples, %d target layers, rank budget %d", len(loaded.rows), len(run.names), run.budget)
+    snapshot = checkpoint.resume(ckpt, comm, job, restart)
+    if snapshot is not None:
+        run.restore(snapshot)
+    batches = (b for _, b in rank_batches(loaded.rows, loaded.collate, cfg.data, comm.world, comm.rank, run.progress.step))
+    every, max_batches = cfg.output.checkpoint_every, cfg.eva.max_batches
+
+    def on_step(r: EvaRun) -> None:
+        step = r.progress.step
+        if every and step % every == 0 and not r.done and (max_batches is None or step < max_batches):
+            checkpoint.save(ckpt, r.snapshot(), comm, job)
+
+    with torch.no_grad():
+        run.run(batches, show_progress=show_progress, on_step=on_step)
+    state, path = None, None
+    with collectively(comm):  # e.g. rank 0 cannot write: every rank exits non-zero with its message
+        state = run.result(_provenance(cfg, job, loaded))
+        if comm.is_main:
+            for p in reversed(paths):  # the primary output last, so it is never older than a copy
+                path = state.save(p)
+    if comm.is_main:
+        if not cfg.output.keep_checkpoint:
+            checkpoint.remove(ckpt)
+        print(job_summary(state, run.rank_stats, time.perf_counter() - start, path), file=sys.stderr)
+    return JobResult(path, state, time.perf_counter() - start, run.rank_stats)
