@@ -114,6 +114,8 @@ class SequentialRun(EvaRun):
     ):
         super().__init__(blocks.model, settings, comm, forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn)
         self.blocks, self.round_size = blocks, round_size
+        # the model holds no weights between passes, so its parameters cannot say where PCAs and batches belong
+        self.pool.device = self.source.device = blocks.device
         prefix = f"{blocks.blocks_name}."
         outside = [n for n in self.names if not n.startswith(prefix)]
         if outside:
