@@ -108,19 +108,22 @@ class ModelTokens:
         if batch is None:
             return {}
         batch = to_device(batch, self.device)
-        if self.prepare_model_inputs_fn is not None:
-            model_input = self.prepare_model_inputs_fn(batch, settings_namespace(self.settings))
-            selector = None
-        else:
-            s = self.settings
-            masks = stream_masks(batch, s.use_label_mask, s.label_mask_value, self.streams.encoder_decoder)
-            model_input, selector = batch, (TokenSelector(masks, self.streams) if masks else None)
+        model_input, selector = self.selection(batch)
         t0 = time.perf_counter()
         with self.streams.watching():
             self.capture.select(selector, model_input)
             tokens = self.capture.run(lambda: self.forward_fn(self.model, batch), first)
         self.forward_s += time.perf_counter() - t0
         return tokens
+
+    def selection(self, batch: Any) -> tuple[Any, TokenSelector | None]:
+        """What the hooks work with for a batch (on the device): the model input a layer function receives, and
+        the selector of the rows that count (None with a custom prepare_model_inputs_fn: PEFT's semantics)."""
+        if self.prepare_model_inputs_fn is not None:
+            return self.prepare_model_inputs_fn(batch, settings_namespace(self.settings)), None
+        s = self.settings
+        masks = stream_masks(batch, s.use_label_mask, s.label_mask_value, self.streams.encoder_decoder)
+        return batch, (TokenSelector(masks, self.streams) if masks else None)
 
     def layout(self) -> Layout:
         """Shared-input groups and execution order, from the first pass (`forward(batch, first=True)`)."""
