@@ -169,7 +169,7 @@ class Capture:
 
 
 def _fingerprint(x: torch.Tensor, probe: torch.Tensor) -> tuple:
-    proj = x.reshape(-1, x.shape[-1]).float() @ probe[: x.shape[-1]]
+    proj = x.reshape(-1, x.shape[-1]).float() @ probe[: x.shape[-1]].to(x.device)  # layers may sit on several devices
     return tuple(x.shape), float(proj.sum()), float(proj.abs().sum())
 
 

@@ -29,7 +29,8 @@ def main() -> None:
 
     Compute a state from a model and task data (`compute`), look at it (`show`), turn it into a PEFT adapter
     (`apply`) and check an adapter against a model (`check`); list a store (`list`), re-budget a state
-    (`rebudget`), convert to and from PEFT (`convert`).
+    (`rebudget`), convert to and from PEFT (`convert`); see what a job needs in memory before running it
+    (`estimate`).
     """
 
 
@@ -62,6 +63,28 @@ def compute_command(config_path: str, overrides: tuple[str, ...], no_progress: b
 
 
 main.add_command(compute_command)
+
+
+@main.command("estimate")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="YAML job config; only its model's config.json is read, never the weights.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, as in compute.")
+@click.option("--device-memory", default=None, metavar="SIZE",
+              help="Memory of the compute device to check against (e.g. 80GiB); default: the first GPU's, else the "
+                   "host's RAM.")
+@click.option("--world-size", type=int, default=1, show_default=True,
+              help="Processes the job will run on (each holds its share of the PCAs).")
+def estimate_command(config_path: str, overrides: tuple[str, ...], device_memory: str | None, world_size: int) -> None:
+    """Print the memory the job needs per process in each offload mode (weights, activations, PCA state,
+    spectrum), and whether it fits the device."""
+    from .config import load_config
+    from .estimate import device_memory as seen_device
+    from .estimate import estimate, report
+    from .memory import budget_bytes
+
+    cfg = load_config(config_path, overrides)
+    device, memory = ("given", budget_bytes(device_memory)) if device_memory else seen_device()
+    click.echo(report(estimate(cfg, max(1, world_size)), device, memory))
 
 
 @main.command("show")

@@ -47,6 +47,33 @@ class ModelConfig:
         "auto", "Which model class and inputs to use; `auto` follows the model config's `architectures`."
     )
     device: str = _f("auto", "Device to run on: `auto` (the local rank's GPU if there is one, else CPU), `cpu`, `cuda`.")
+    offload: Literal["none", "sequential", "device_map"] = _f(
+        "none",
+        "How a model bigger than the device is held: `none` loads it whole on model.device; `sequential` builds it "
+        "without weights and materialises one repeated block at a time from the checkpoint's safetensors files "
+        "(rounds of model.sequential_round batches); `device_map` spreads it over GPUs, CPU and disk with "
+        "accelerate's big-model inference (model.device_map, model.max_memory, model.offload_folder). The state is "
+        "the same in every mode.",
+    )
+    sequential_round: int = _f(
+        8,
+        "With offload: sequential, batches per round: each block is read once per round, and the round's hidden "
+        "states (plus a copy of each unconverged PCA per batch) wait in host memory.",
+    )
+    device_map: str | dict[str, int | str] | None = _f(
+        None,
+        "With offload: device_map: `auto`, `balanced`, `balanced_low_0`, `sequential`, or an explicit map "
+        "{module name: GPU index, `cpu` or `disk`}. None: `auto`.",
+    )
+    max_memory: dict[int | str, int | str] | None = _f(
+        None,
+        "Memory each device may hold, accelerate's format ({0: 20GiB, cpu: 60GiB} with GPU indices as keys), for "
+        "offload: device_map (where the weights go) and sequential (checked against one block); below one block of "
+        "the model is refused, naming both sizes.",
+    )
+    offload_folder: str | None = _f(
+        None, "Folder for the weights a device_map puts on `disk` (must be writable; required when any go there)."
+    )
 
 
 @dataclass
@@ -237,8 +264,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def _validate(cfg: JobConfig) -> None:
-    e, d, o = cfg.eva, cfg.data, cfg.output
+    e, d, o, m = cfg.eva, cfg.data, cfg.output, cfg.model
     checks = [
         (e.r >= 1, "eva.r", f"must be >= 1, got {e.r}"),
         (e.rho >= 1.0, "eva.rho", f"must be >= 1, got {e.rho}"),
@@ -258,6 +288,17 @@ def _validate(cfg: JobConfig) -> None:
         (o.path is not None or o.store is not None, "output.path", "set output.path or output.store"),
         (o.checkpoint_every is None or o.checkpoint_every >= 1, "output.checkpoint_every", "must be >= 1 or null"),
         (cfg.distributed.timeout_s > 0, "distributed.timeout_s", "must be > 0"),
+        (m.offload == "device_map" or (m.device_map is None and m.offload_folder is None), "model.offload",
+         f"is {m.offload!r}: model.device_map and model.offload_folder need model.offload: device_map"),
+        (m.offload != "none" or m.max_memory is None, "model.max_memory", "needs model.offload: sequential or device_map"),
+        (m.sequential_round >= 1, "model.sequential_round", f"must be >= 1, got {m.sequential_round}"),
+        (m.offload != "sequential" or m.quantization is None, "model.quantization",
+         "is not supported with model.offload: sequential (blocks are read as stored); use offload: device_map"),
+        (m.offload != "sequential" or not e.refine_converged, "eva.refine_converged",
+         "is not supported with model.offload: sequential"),
+        (not isinstance(m.device_map, str) or m.device_map in DEVICE_MAP_STRATEGIES, "model.device_map",
+         f"{m.device_map!r} is not a map; choose one of {', '.join(DEVICE_MAP_STRATEGIES)} or give "
+         "{module: device}"),
         (plain_name(cfg.task), "task", f"must be a plain name (no '/', '\\', '..' or leading '.'), got {cfg.task!r}"),
     ]
     for ok, key, msg in checks:

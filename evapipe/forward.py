@@ -111,21 +111,28 @@ class ModelTokens:
         if batch is None:
             return {}
         batch = to_device(batch, self.device)
-        s = self.settings
-        masks = stream_masks(batch, s.use_label_mask, s.label_mask_value, self.streams.encoder_decoder)
-        selector = TokenSelector(masks, self.streams) if masks else None
-        expert_selector = selector  # PEFT's layer hooks know no experts: they count the batch's masked tokens
-        if self.prepare_model_inputs_fn is not None:
-            model_input = self.prepare_model_inputs_fn(batch, settings_namespace(self.settings))
-            selector = None
-        else:
-            model_input = batch
+        model_input, selector = self.selection(batch)
+        # PEFT's layer hooks know no experts: experts count the batch's masked tokens
+        expert_selector = selector if self.prepare_model_inputs_fn is None else self.token_selector(batch)
         t0 = time.perf_counter()
         with self.streams.watching():
             self.capture.select(selector, model_input, expert_selector)
             tokens = self.capture.run(lambda: self.forward_fn(self.model, batch), first)
         self.forward_s += time.perf_counter() - t0
         return tokens
+
+    def selection(self, batch: Any) -> tuple[Any, TokenSelector | None]:
+        """What the hooks work with for a batch (on the device): the model input a layer function receives, and
+        the selector of the rows that count (None with a custom prepare_model_inputs_fn: PEFT's semantics)."""
+        if self.prepare_model_inputs_fn is not None:
+            return self.prepare_model_inputs_fn(batch, settings_namespace(self.settings)), None
+        return batch, self.token_selector(batch)
+
+    def token_selector(self, batch: Any) -> TokenSelector | None:
+        """The selector of a batch's counted tokens (attention mask, and labels with eva.use_label_mask)."""
+        s = self.settings
+        masks = stream_masks(batch, s.use_label_mask, s.label_mask_value, self.streams.encoder_decoder)
+        return TokenSelector(masks, self.streams) if masks else None
 
     def layout(self) -> Layout:
         """Shared-input groups and execution order, from the first pass (`forward(batch, first=True)`)."""

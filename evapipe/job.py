@@ -203,19 +203,24 @@ class _Loaded:
 def _load(cfg: JobConfig, comm: Comm, device: torch.device) -> _Loaded:
     from .data import data_columns, dataset_fingerprint, load_task_data, make_collator
     from .engine import EvaRun
-    from .models import load_model, load_processor
+    from .models import load_blocks, load_model, load_processor
+    from .sequential import SequentialRun
 
     hooks = cfg.hooks
     forward_fn = import_callable(hooks.forward_fn, "hooks.forward_fn")
     model_fn = import_callable(hooks.prepare_model_inputs_fn, "hooks.prepare_model_inputs_fn")
     layer_fn = import_callable(hooks.prepare_layer_inputs_fn, "hooks.prepare_layer_inputs_fn")
     log.info("loading %s on %s (world size %d)", cfg.model.name_or_path, device, comm.world)
-    model, kind = load_model(cfg.model, device)
+    if cfg.model.offload == "sequential":
+        blocks, kind = load_blocks(cfg.model, device)
+        run = SequentialRun(blocks, cfg.eva, comm, forward_fn, model_fn, layer_fn, cfg.model.sequential_round)
+    else:
+        model, kind = load_model(cfg.model, device)
+        run = EvaRun(model, cfg.eva, comm, forward_fn, model_fn, layer_fn)
     processor = load_processor(cfg.model, kind)
     rows, skipped = load_task_data(cfg.data, kind)
     # once, before the work, in bounded memory: a failure here costs nothing computed yet
     fingerprint = dataset_fingerprint(rows, data_columns(cfg.data, kind)) if comm.is_main else None
-    run = EvaRun(model, cfg.eva, comm, forward_fn, model_fn, layer_fn)
     return _Loaded(run, rows, make_collator(processor, cfg.data, kind), kind, skipped, fingerprint)
 
 

@@ -134,8 +134,10 @@ def load_model(cfg: ModelConfig, device: torch.device, num_labels: int | None = 
                                    config=hf_config)
     if quant is not None:
         load_kw.update(quantization_config=quant, device_map={"": device})
+    if cfg.offload == "device_map":
+        load_kw.update(device_map_kwargs(cfg, cls, hf_config, dtype))
     model = cls.from_pretrained(path, **load_kw)
-    if quant is None:
+    if quant is None and cfg.offload == "none":
         model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -152,6 +154,59 @@ def model_skeleton(cfg: ModelConfig, num_labels: int | None = None) -> tuple[nn.
         else:
             model = cls._from_config(hf_config)
     return model, kind
+
+
+def load_blocks(cfg: ModelConfig, device: torch.device) -> tuple[Any, str]:
+    """The model for model.offload: sequential -- built without weights, what runs before its first block loaded
+    on `device`, its blocks left in the checkpoint (onload.BlockModel) -- and its kind."""
+    from transformers import AutoConfig
+
+    from .memory import check_budget
+    from .onload import BlockModel, empty_model, refuse_unsupported
+
+    folder = local_checkpoint(cfg)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        raise ConfigError(f"cannot load model config from `{cfg.name_or_path}`: {err}") from None
+    refuse_unsupported(hf_config)
+    kind = model_kind(hf_config, cfg.kind)
+    dtype = getattr(torch, cfg.dtype)
+    model = empty_model(model_class(hf_config, kind), hf_config, dtype)
+    if cfg.max_memory is not None:
+        check_budget(cfg.max_memory, model)
+    return BlockModel(model, folder, device, dtype), kind
+
+
+def local_checkpoint(cfg: ModelConfig) -> str:
+    """The folder holding the model's config and safetensors files: a local directory, or the hub snapshot of
+    those files only (no other weight formats are fetched)."""
+    from pathlib import Path
+
+    path = resolve_model_path(cfg.name_or_path)
+    if Path(path).expanduser().is_dir():
+        return str(Path(path).expanduser())
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, revision=cfg.revision, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as err:  # offline without a cached copy, unknown id, no access
+        raise ConfigError(f"cannot fetch `{cfg.name_or_path}` for model.offload: sequential: {err}") from None
+
+
+def device_map_kwargs(cfg: ModelConfig, cls: Any, hf_config: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained's big-model-inference arguments, with the budget and offload folder checked first."""
+    from .memory import check_budget, check_writable
+    from .onload import empty_model
+
+    kw: dict[str, Any] = {"device_map": cfg.device_map or "auto"}
+    if cfg.max_memory is not None:
+        check_budget(cfg.max_memory, empty_model(cls, hf_config, dtype))
+        # YAML may spell GPU indices as strings; accelerate wants them as ints
+        kw["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in cfg.max_memory.items()}
+    if cfg.offload_folder is not None:
+        kw["offload_folder"] = str(check_writable(cfg.offload_folder, "model.offload_folder"))
+    return kw
 
 
 def load_processor(cfg: ModelConfig, kind: str) -> Any:

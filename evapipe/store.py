@@ -33,7 +33,10 @@ STATE_FILE = "eva.safetensors"
 KEY_LENGTH = 12
 CONTENT_HASH_LIMIT = 16 * 2**20  # model-folder files up to this size are hashed by content, larger by size + mtime
 # config fields that do not change the computed state (batch_size enters as the global batch instead)
-IGNORED_FIELDS = {"model": {"device", "trust_remote_code"}, "data": {"batch_size"}, "eva": {"on_unconverged"}}
+OFFLOAD_FIELDS = {"offload", "sequential_round", "device_map", "max_memory", "offload_folder"}  # how the model is held, not what it computes
+IGNORED_FIELDS = {
+    "model": {"device", "trust_remote_code", *OFFLOAD_FIELDS}, "data": {"batch_size"}, "eva": {"on_unconverged"},
+}
 
 
 def digest(obj: Any, length: int = KEY_LENGTH) -> str:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,15 +41,13 @@ def job(llama_dir, out, **eva):
                     hooks={"forward_fn": "test_resume:slow_forward"})
 
 
-def test_sigkill_then_rerun_gives_the_uninterrupted_state(tmp_path, tiny_llama_dir):
-    out = tmp_path / "eva.safetensors"
-    cfg_path = write_config(tmp_path / "job.yaml", **job(tiny_llama_dir, out))
-    reference = run_job(config_from_dict(job(tiny_llama_dir, tmp_path / "ref.safetensors")), show_progress=False)
-    assert reference.state.meta["batches"] == 10
+def kill_then_rerun(cfg_path: Path, out: Path, delay: float) -> tuple[int, str]:
+    """Start the job, SIGKILL it once a checkpoint is complete, then run it again to the end: the step the
+    checkpoint holds and the second run's stderr."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cmd = [sys.executable, "-m", "evapipe.compute", "--config", str(cfg_path), "--no-progress"]
     ckpt = checkpoint_dir(out)
-    proc = subprocess.Popen(cmd, env=dict(env, EVAPIPE_TEST_DELAY="0.5"), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=dict(env, EVAPIPE_TEST_DELAY=str(delay)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while latest(ckpt) is None and proc.poll() is None and time.time() < deadline:
@@ -57,10 +56,21 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_state(tmp_path, tiny_llama_d
     _, stderr = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, stderr
     step = latest(ckpt)[1]["loop"]["progress"]["step"]
-    assert 2 <= step < 10 and step % 2 == 0 and not out.exists()
+    assert not out.exists()
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    resumed_at = int(rerun.stderr.split(f"resuming from {ckpt} at batch ")[1].split()[0])
+    return step, rerun.stderr
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_state(tmp_path, tiny_llama_dir):
+    out = tmp_path / "eva.safetensors"
+    cfg_path = write_config(tmp_path / "job.yaml", **job(tiny_llama_dir, out))
+    reference = run_job(config_from_dict(job(tiny_llama_dir, tmp_path / "ref.safetensors")), show_progress=False)
+    assert reference.state.meta["batches"] == 10
+    step, stderr = kill_then_rerun(cfg_path, out, delay=0.5)
+    assert 2 <= step < 10 and step % 2 == 0
+    ckpt = checkpoint_dir(out)
+    resumed_at = int(stderr.split(f"resuming from {ckpt} at batch ")[1].split()[0])
     assert resumed_at >= step
     assert not ckpt.exists()  # removed after the state was written
     assert_same_state(load_state(out), reference.state)

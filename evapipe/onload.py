@@ -1,0 +1,267 @@
+"""Sequential onloading: run a model bigger than memory one repeated block at a time.
+
+llm-compressor's calibration swaps the two loops of a forward pass (`for block: for batch:` instead of
+`for batch: for block:`), so only one block's weights live on the device while the batches' hidden states wait in
+host memory. This module holds the parts of that, independent of EVA:
+
+* `WeightFiles`: the checkpoint's safetensors files, read tensor by tensor (memory-mapped) for one block at a time;
+* `BlockModel`: the model built on the meta device (no weights; computed buffers such as rotary inverse frequencies
+  are computed, not loaded) and its repeated block list; what lies outside the blocks (embeddings) is materialised
+  while batches run up to the first block, and released while the blocks run;
+* `BlockModel.block_inputs`: the first block's call arguments for a batch (hidden states plus keyword arguments such
+  as the attention mask, position ids and rotary `position_embeddings`), taken by a hook that stops the forward;
+* `BlockModel.onloaded(i)`: block i materialised from the checkpoint on the compute device, then released to meta.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class WeightFiles:
+    """Tensor name -> safetensors shard of a `save_pretrained` folder; reads only the tensors asked for."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        index, single = folder / INDEX_FILE, folder / SINGLE_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.shard = {name: folder / shard for name, shard in weight_map.items()}
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(single), "pt") as f:
+                self.shard = {name: single for name in f.keys()}
+        else:
+            found = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+            extra = f" (it holds {', '.join(found[:3])}: convert them with save_pretrained(..., " \
+                    "safe_serialization=True))" if found else ""
+            raise ConfigError(
+                f"model.offload: sequential reads weights from safetensors files, and {folder} has neither "
+                f"{SINGLE_FILE} nor {INDEX_FILE}{extra}"
+            )
+
+    def read(self, names: Mapping[str, str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """{local name: tensor} for {local name: checkpoint name}; floats cast to dtype.
+
+        Each tensor is read with its shard opened for it alone: the pages of the memory-mapped shard that a read
+        touches count as this process's memory until the shard is closed, so holding it open over a whole block
+        would count the block twice.
+        """
+        from safetensors import safe_open
+
+        out = {}
+        for local, key in names.items():
+            with safe_open(str(self.shard[key]), "pt", device=str(device)) as f:
+                t = f.get_tensor(key)
+            out[local] = t.to(dtype) if t.is_floating_point() else t
+        return out
+
+
+def _checkpoint_names(model: nn.Module, files: WeightFiles) -> dict[str, str]:
+    """Each parameter / persistent buffer of the model -> its checkpoint key.
+
+    transformers renames keys while loading (ViT's `attention.attention.query` is `attention.q_proj` in 5.x; a bare
+    model's checkpoint under a task model's base-model prefix, or the reverse), so its own renaming rules map the
+    checkpoint's keys. Keys it would merge or split (fused MoE experts) cannot be read one block at a time.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    own = model.state_dict(keep_vars=True)
+    prefix = getattr(model, "base_model_prefix", "") or None
+    out = {}
+    for key in files.shard:
+        name, converted = rename_source_key(key, renamings, converters, prefix, own)
+        if converted is not None:
+            raise ConfigError(
+                f"model.offload: sequential reads each block's tensors as stored, and {type(model).__name__}'s "
+                f"checkpoint key {key} needs transformers' weight conversion; use model.offload: device_map"
+            )
+        if name in own:
+            out[name] = key
+    return out
+
+
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's repeated block list (decoder layers, encoder layers, ViT layers): its name and the list.
+
+    Blocks are the `nn.ModuleList` children whose modules are all of one class transformers names in the
+    model's `_no_split_modules` (the unit it never splits across devices); without that attribute, the list of
+    one class holding the most parameters.
+    """
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        classes = {type(m).__name__ for m in module}
+        if len(classes) == 1 and (not no_split or classes <= no_split):
+            found.append((sum(p.numel() for p in module.parameters()), name, module))
+    if not found:
+        what = f"a list of {' / '.join(sorted(no_split))} modules" if no_split else "an nn.ModuleList of one class"
+        raise ConfigError(
+            f"model.offload: sequential needs the model's repeated block list, and {type(model).__name__} has no "
+            f"{what}; use model.offload: device_map for it"
+        )
+    found.sort(key=lambda f: -f[0])
+    if len(found) > 1 and found[1][0] > 0.1 * found[0][0]:
+        raise ConfigError(
+            f"model.offload: sequential runs one block list, and {type(model).__name__} has several "
+            f"({found[0][1]}, {found[1][1]}): their outputs do not feed each other; use model.offload: device_map"
+        )
+    return found[0][1], found[0][2]
+
+
+def refuse_unsupported(config: Any) -> None:
+    """Model kinds sequential onloading cannot feed block to block, refused from the config alone."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(
+            "model.offload: sequential does not support encoder-decoder models: the decoder's blocks need the "
+            "encoder's final output, not the previous block's; use model.offload: device_map"
+        )
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    if len(layer_types) > 1:
+        raise ConfigError(
+            f"model.offload: sequential needs every block called with the same arguments, and this model mixes "
+            f"layer types {sorted(layer_types)} (each gets its own attention mask); use model.offload: device_map"
+        )
+
+
+class StopAtBlock(Exception):
+    """Raised by the first block's hook once its call arguments are taken."""
+
+
+@dataclass
+class BlockInputs:
+    """One batch's call into the blocks: the hidden states (first argument) and the other arguments."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def to(self, device: torch.device) -> BlockInputs:
+        from .forward import to_device
+
+        return BlockInputs(self.hidden.to(device), to_device(self.args, device), to_device(self.kwargs, device))
+
+
+class BlockModel:
+    """A model whose weights stay in its checkpoint: what lies outside the blocks materialised while batches run up to
+    the first block (`head`), then each block in turn (`onloaded`)."""
+
+    def __init__(self, model: nn.Module, folder: str | Path, device: torch.device, dtype: torch.dtype):
+        self.model, self.device, self.dtype = model, device, dtype
+        self.files = WeightFiles(folder)
+        self.blocks_name, self.blocks = block_list(model)
+        self.names = _checkpoint_names(model, self.files)
+        in_blocks = {n for n in self.names if n.startswith(f"{self.blocks_name}.")}
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        skip = {f"{n}." for n, m in model.named_modules() if m is head and m is not None}
+        tied = {id(p) for p in model.get_input_embeddings().parameters()} if head is not None else set()
+        if head is not None and any(id(p) in tied for p in head.parameters()):
+            skip = set()  # a tied output head shares the input embeddings' weight, loaded anyway
+        rest = {n: k for n, k in self.names.items() if n not in in_blocks and not any(n.startswith(s) for s in skip)}
+        missing = [n for n, p in model.named_parameters() if n not in self.names
+                   and not any(n.startswith(s) for s in skip) and p.device.type == "meta"]
+        if missing:
+            raise ConfigError(f"the checkpoint in {folder} has no tensor for {len(missing)} parameter(s) of "
+                              f"{type(model).__name__}: {', '.join(missing[:4])}")
+        self.head_keys = rest
+        for name, buf in list(model.named_buffers()):  # computed buffers (rotary inv_freq) move to the device
+            if buf.device.type != "meta" and name not in rest:
+                self._place(model, {name: buf.to(device)})
+        if hasattr(getattr(model, "config", None), "use_cache"):
+            model.config.use_cache = False  # blocks must not keep a key/value cache across batches
+
+    @staticmethod
+    def _place(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, t in tensors.items():
+            set_module_tensor_to_device(module, name, t.device, value=t)
+
+    @contextmanager
+    def head(self) -> Iterator[nn.Module]:
+        """The model with what lies outside the blocks (embeddings, final norm) materialised, for running batches
+        up to the first block; released afterwards, so that it and a block are never held together."""
+        self._place(self.model, self.files.read(self.head_keys, self.device, self.dtype))
+        try:
+            yield self.model
+        finally:
+            self._release(self.model, self.head_keys)
+
+    @staticmethod
+    def _release(module: nn.Module, names: Iterable[str]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in names:
+            set_module_tensor_to_device(module, name, "meta")
+
+    def block_keys(self, i: int) -> dict[str, str]:
+        """Block i's tensors: {name inside the block: checkpoint key}."""
+        prefix = f"{self.blocks_name}.{i}."
+        return {n.removeprefix(prefix): k for n, k in self.names.items() if n.startswith(prefix)}
+
+    @contextmanager
+    def onloaded(self, i: int) -> Iterator[nn.Module]:
+        """Block i with its weights on the compute device for the duration, released to meta afterwards."""
+        block = self.blocks[i]
+        keys = self.block_keys(i)
+        self._place(block, self.files.read(keys, self.device, self.dtype))
+        try:
+            yield block
+        finally:
+            self._release(block, keys)
+
+    def block_inputs(self, forward: Callable[[], Any]) -> BlockInputs:
+        """Run `forward` (the model's own forward on one batch) up to the first block; return that block's call."""
+        taken: list[BlockInputs] = []
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            taken.append(BlockInputs(args[0], tuple(args[1:]), dict(kwargs)))
+            raise StopAtBlock
+
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            forward()
+        except StopAtBlock:
+            pass
+        finally:
+            handle.remove()
+        if not taken:
+            raise ConfigError(f"the forward pass never reached {self.blocks_name}.0, the first block")
+        return taken[0]
+
+    @staticmethod
+    def call(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
+        """One block on one batch: the next block's hidden states."""
+        out = block(inputs.hidden, *inputs.args, **inputs.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def empty_model(cls: Any, config: Any, dtype: torch.dtype) -> nn.Module:
+    """The model built from its config with every parameter on the meta device (buffers computed as usual)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls._from_config(config, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
