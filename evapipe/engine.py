@@ -37,6 +37,7 @@ from .distributed import Comm, collectively, init_comm
 from .errors import ConvergenceError, DataError
 from .experts import ExpertHooks, model_order, resolve_expert_params
 from .forward import ForwardFn, ModelTokens
+from .guards import check_fed, check_layer_inputs
 from .metadata import StateMeta, versions
 from .models import model_device
 from .pcas import PCAPool
@@ -130,7 +131,7 @@ class EvaRun:
                     self.source.plan(plan)
                     feeding = [o for o in p.layout.owners if o in plan.needed | (plan.refine & self.source.active)]
                 tokens = self.source.forward(batch, first)
-                self._check_tokens(tokens)
+                check_layer_inputs(tokens, self.width, self.progress.step)
                 if first and self.comm.is_main:
                     layout = self.source.layout()
         if first:  # every rank uses rank 0's groups and execution order, so all plan the same passes
@@ -148,53 +149,14 @@ class EvaRun:
         self._decide(Agreement.unpack(shared.values, owners, width, self.caps))
         p.step += 1
 
-    def _check_tokens(self, tokens: Mapping[str, torch.Tensor]) -> None:
-        """Refuse layer inputs that would break routing or poison a PCA, inside the step's agreement, so every rank
-        stops together. Finiteness is one flag per layer computed on the device and read once."""
-        for n, x in tokens.items():
-            if x.ndim != 2 or x.shape[1] != self.width[n]:
-                raise DataError(f"the input of layer {n} came out as {tuple(x.shape)}, not (tokens, {self.width[n]}); "
-                                "check hooks.prepare_layer_inputs_fn")
-        names = [n for n, x in tokens.items() if x.numel() and x.is_floating_point()]
-        if not names:
-            return
-        finite = torch.stack([torch.isfinite(tokens[n]).all() for n in names]).tolist()
-        bad = [n for n, ok in zip(names, finite) if not ok]
-        if bad:
-            dtype = str(tokens[bad[0]].dtype).removeprefix("torch.")
-            raise DataError(
-                f"non-finite values (NaN/Inf) in the inputs of {len(bad)} layer(s) at batch {self.progress.step} "
-                f"({dtype}): {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. The model overflows in {dtype}: "
-                "load it with model.dtype: bfloat16 or float32 (or fix the hook that produces these inputs)"
-            )
-
     def starved(self) -> list[str]:
         """Layers whose PCA has received no token at all so far (agreed: every rank sees the same ratios)."""
         p = self.progress
         return [] if p.layout is None else [n for n in self.names if p.layout.owner_of[n] not in p.agreed.ratios]
 
     def _check_fed(self) -> None:
-        """After a full pass over the data (or at the end), a layer that never received a token is a clear error:
-        waiting longer cannot help, and its PCA would have nothing to report."""
-        starved, batches = self.starved(), self.progress.step
-        if not starved:
-            return
-        if len(starved) < len(self.names):  # an expert its routers never pick ends at rank 0, named as unrouted
-            starved = [n for n in starved if n not in self.share]
-            if not starved:
-                return
-        if len(starved) == len(self.names):
-            raise DataError(
-                f"no token reached any target layer in {batches} batches: every token was masked out. With "
-                f"eva.use_label_mask only tokens whose label is not {self.settings.label_mask_value} count, and "
-                "prompts of data.max_length tokens or more leave no completion token. Raise data.max_length, or set "
-                "eva.use_label_mask: false"
-            )
-        raise DataError(
-            f"{len(starved)} target layer(s) received no token in {batches} batches while the others did: "
-            f"{', '.join(starved[:6])}{' ...' if len(starved) > 6 else ''}. Check hooks.prepare_layer_inputs_fn and "
-            "the label mask, or leave them out with eva.exclude_modules"
-        )
+        """After a full pass over the data (or at the end): waiting longer cannot feed a starved layer."""
+        check_fed(self.starved(), len(self.names), set(self.share), self.progress.step, self.settings.label_mask_value)
 
     def _local_agreement(self, n_local: int, owners: list[str], width: int) -> torch.Tensor:
         return Agreement.local(self.pool.states, n_local).pack(owners, width)
@@ -236,18 +198,23 @@ class EvaRun:
                 except Exception as err:  # a bad row on one rank: agreed on in step(), not left to hang the others
                     error = err
                 self.step(batch, error)
-                p = self.progress
-                bar.update(1)
-                bar.set_postfix_str(f"{len(p.layout.members(p.verdict.passed()))}/{len(self.names)} layers converged")
-                if pass_steps and p.step >= pass_steps:
-                    self._check_fed()
-                if on_step is not None:
-                    on_step(self)
+                self._after_step(bar, pass_steps, on_step)
                 if self.done:
                     break
         finally:
             bar.close()
             self.source.close()
+
+    def _after_step(self, bar: Any, pass_steps: int | None, on_step: Callable[[EvaRun], None] | None) -> None:
+        """What follows every agreed step, whichever driver took it: progress, the one-pass check for layers that
+        never got a token, and the caller's hook (checkpoints)."""
+        p = self.progress
+        bar.update(1)
+        bar.set_postfix_str(f"{len(p.layout.members(p.verdict.passed()))}/{len(self.names)} layers converged")
+        if pass_steps and p.step >= pass_steps:
+            self._check_fed()
+        if on_step is not None:
+            on_step(self)
 
     def snapshot(self) -> Snapshot:
         """What a checkpoint keeps: the loop state all ranks share, and this rank's own PCAs (on the CPU)."""

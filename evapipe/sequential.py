@@ -43,6 +43,7 @@ from .distributed import Comm, collectively
 from .engine import EvaRun
 from .errors import ConfigError, DataError
 from .forward import to_device
+from .guards import check_layer_inputs
 from .onload import BlockInputs, BlockModel
 from .planning import Layout, next_step
 
@@ -150,7 +151,7 @@ class SequentialRun(EvaRun):
             src.capture.select(item.selector, item.model_input)
             tokens = src.capture.run(lambda: out.append(self.blocks.call(block, call)), first)
         src.forward_s += time.perf_counter() - t0
-        self._check_tokens(tokens)
+        check_layer_inputs(tokens, self.width, self.progress.step)
         item.call = BlockInputs(out[0].to(HOST), item.call.args, item.call.kwargs) if out else None
         return tokens
 
@@ -258,14 +259,8 @@ class SequentialRun(EvaRun):
                    initial=self.progress.step)
 
         def after_step() -> bool:
-            p = self.progress
-            bar.update(1)
-            bar.set_postfix_str(f"{len(p.layout.members(p.verdict.passed()))}/{len(self.names)} layers converged")
-            if pass_steps and p.step >= pass_steps:
-                self._check_fed()
-            if on_step is not None:
-                on_step(self)
-            return self.done or (max_batches is not None and p.step >= max_batches)
+            self._after_step(bar, pass_steps, on_step)
+            return self.done or (max_batches is not None and self.progress.step >= max_batches)
 
         it = iter(batches)
         waiting: list[tuple[Any, BaseException | None]] = []  # read, not yet taken by a round
