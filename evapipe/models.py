@@ -147,13 +147,10 @@ def load_model(cfg: ModelConfig, device: torch.device, num_labels: int | None = 
 def model_skeleton(cfg: ModelConfig, num_labels: int | None = None) -> tuple[nn.Module, str]:
     """The model `load_model` would load, built on the meta device: every module's name and shape, and no weight
     read from disk or held in memory."""
+    from .onload import empty_model
+
     _, hf_config, kind, cls = _resolve(cfg, num_labels)
-    with torch.device("meta"):
-        if hasattr(cls, "from_config"):  # an Auto class
-            model = cls.from_config(hf_config, trust_remote_code=cfg.trust_remote_code)
-        else:
-            model = cls._from_config(hf_config)
-    return model, kind
+    return empty_model(cls, hf_config, getattr(torch, cfg.dtype), cfg.trust_remote_code), kind
 
 
 def load_blocks(cfg: ModelConfig, device: torch.device) -> tuple[Any, str]:

@@ -256,12 +256,15 @@ class BlockModel:
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def empty_model(cls: Any, config: Any, dtype: torch.dtype) -> nn.Module:
+def empty_model(cls: Any, config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The model built from its config with every parameter on the meta device (buffers computed as usual)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls._from_config(config, dtype=dtype)
+        if hasattr(cls, "from_config"):  # an Auto class
+            model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            model = cls._from_config(config, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     return model
