@@ -25,9 +25,10 @@ class ModeEstimate:
     mode: str
     weights: int  # on the compute device
     activations: int  # a forward pass's working set plus the captured target inputs it holds
-    pca: int  # this process's share of the incremental PCAs (and, in sequential, their per-batch copies: host)
-    host: int  # host memory beyond the process itself: hidden states of a round, PCA copies, CPU-placed weights
+    pca: int  # this process's share of the incremental PCAs
+    host: int  # host memory beyond the process itself: hidden states of a round, CPU-placed weights
     spectrum: int  # rank 0, at the end: every PCA's kept components
+    disk: int = 0  # temporary files: sequential's per-batch PCA copies of a round (in TMPDIR)
 
     @property
     def device(self) -> int:
@@ -99,7 +100,7 @@ def estimate(cfg: JobConfig, world: int = 1) -> JobEstimate:
     modes = [
         ModeEstimate("none", total, working + captured_all, pca_share, 0, spectrum),
         ModeEstimate("sequential", max(total - in_blocks - head_bytes, one_block), working + per_block, pca_share,
-                     round_size * (tokens * hidden * itemsize + pca_share), spectrum),
+                     round_size * tokens * hidden * itemsize, spectrum, round_size * pca_share),
         ModeEstimate("device_map", block[1], working + captured_all, pca_share, max(total - block[1], 0), spectrum),
     ]
     return JobEstimate(total, block, tokens, len(targets), world, modes)
@@ -126,14 +127,16 @@ def report(est: JobEstimate, device: str, memory: int) -> str:
         f"device: {device}, {fmt_bytes(memory)}",
         "",
         f"{'offload':<11} {'weights':>11} {'activations':>12} {'PCA state':>11} {'device total':>13} "
-        f"{'host extra':>11} {'spectrum':>10}  fits",
+        f"{'host extra':>11} {'spectrum':>10} {'temp disk':>10}  fits",
     ]
     for mode in est.modes:
         fits = "yes" if mode.device <= memory else "no"
         lines.append(
             f"{mode.mode:<11} {fmt_bytes(mode.weights):>11} {fmt_bytes(mode.activations):>12} {fmt_bytes(mode.pca):>11} "
-            f"{fmt_bytes(mode.device):>13} {fmt_bytes(mode.host):>11} {fmt_bytes(mode.spectrum):>10}  {fits}"
+            f"{fmt_bytes(mode.device):>13} {fmt_bytes(mode.host):>11} {fmt_bytes(mode.spectrum):>10} "
+            f"{fmt_bytes(mode.disk):>10}  {fits}"
         )
     lines += ["", "device_map counts one block on the device (the least it needs; more is faster); its other weights "
-              "sit in CPU memory or on disk. sequential's host extra is a round of hidden states and PCA copies."]
+              "sit in CPU memory or on disk. sequential's host extra is a round of hidden states; its PCA copies after each "
+              "batch of the round wait in a temporary file (TMPDIR)."]
     return "\n".join(lines)

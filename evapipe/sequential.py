@@ -29,13 +29,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 
-from . import ipca
 from .agreement import Agreement
 from .capture import shared_input_groups
 from .config import EvaSettings
@@ -46,6 +45,7 @@ from .forward import to_device
 from .guards import check_layer_inputs
 from .onload import BlockInputs, BlockModel
 from .planning import Layout, next_step
+from .roundcopies import RoundCopies
 
 HOST = torch.device("cpu")
 
@@ -91,13 +91,6 @@ def first_rows(batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch[:1]
     return {k: v[:1] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v for k, v in batch.items()}
-
-
-def _copy(s: ipca.PCAState, device: torch.device) -> ipca.PCAState:
-    """A copy of a PCA state on `device` that later updates of `s` cannot change."""
-    values = {f.name: getattr(s, f.name) for f in fields(s) if f.init}
-    values = {k: v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
-    return replace(s, **(values | {"history": list(s.history)}))
 
 
 class SequentialRun(EvaRun):
@@ -178,7 +171,7 @@ class SequentialRun(EvaRun):
         return Layout.of(groups, order)
 
     def _feed(self, owners: Sequence[str], tokens: dict[str, torch.Tensor], rows: dict[str, list[int]],
-              copies: dict[str, list[ipca.PCAState]]) -> None:
+              copies: RoundCopies) -> None:
         """Route one batch's tokens of `owners` to their owner ranks, update, and keep a copy of each PCA."""
         for o in owners:
             rows[o].append(int(tokens[o].shape[0]) if o in tokens else 0)
@@ -188,7 +181,7 @@ class SequentialRun(EvaRun):
             pool.update(routed)
         for o in owners:
             if o in pool.states:
-                copies[o].append(_copy(pool.states[o], HOST))  # the round's copies wait in host memory
+                copies.keep(o, pool.states[o])
 
     def _round(self, batches: list[tuple[Any, BaseException | None]], after_step: Callable[[], bool]) -> int:
         """One round over `batches` (this rank's shares); returns how many steps it took (a prefix of them)."""
@@ -208,21 +201,21 @@ class SequentialRun(EvaRun):
         needed = next_step(self.progress.verdict).needed  # every PCA at the first step
         fed = [o for o in owners if o in needed]
         rows: dict[str, list[int]] = {o: [] for o in fed}
-        copies: dict[str, list[ipca.PCAState]] = {o: [] for o in fed if o in self.pool.states}
-        for i in range(max(self.block_of[o] for o in fed) + 1):
-            here = [o for o in fed if self.block_of[o] == i]
-            self._capture_only(here)
-            with self.blocks.onloaded(i) as block:
-                for item in items:
-                    tokens = {}
-                    with collectively(self.comm):
-                        tokens = self._through(block, item)
-                    if here:
-                        self._feed(here, tokens, rows, copies)
-        return self._replay(owners, fed, rows, copies, len(items), after_step)
+        with RoundCopies() as copies:
+            for i in range(max(self.block_of[o] for o in fed) + 1):
+                here = [o for o in fed if self.block_of[o] == i]
+                self._capture_only(here)
+                with self.blocks.onloaded(i) as block:
+                    for item in items:
+                        tokens = {}
+                        with collectively(self.comm):
+                            tokens = self._through(block, item)
+                        if here:
+                            self._feed(here, tokens, rows, copies)
+            return self._replay(owners, fed, rows, copies, len(items), after_step)
 
     def _replay(self, owners: list[str], fed: list[str], rows: dict[str, list[int]],
-                copies: dict[str, list[ipca.PCAState]], n: int, after_step: Callable[[], bool]) -> int:
+                copies: RoundCopies, n: int, after_step: Callable[[], bool]) -> int:
         """The in-memory loop's decisions over the round's batches; each PCA set back to its copy after the last
         batch it would have been fed."""
         ledger, p, width = RoundLedger(set(fed), owners), self.progress, max(self.caps.values())
@@ -231,8 +224,8 @@ class SequentialRun(EvaRun):
             needed = set(fed) if j == 0 else set(next_step(p.verdict).needed)
             if not ledger.admit(needed):
                 break
-            for o in needed & set(copies):
-                self.pool.states[o] = _copy(copies[o][j], self.pool.device)
+            for o in needed & set(self.pool.states):
+                self.pool.states[o] = copies.get(o, j, self.pool.device)
             first_fed = next((o for o in owners if o in needed), None)
             n_local = rows[first_fed][j] if first_fed is not None else 0
             self.tokens_read += n_local

@@ -40,6 +40,11 @@ def test_weights_and_pca_state_match_the_real_model_and_run(tiny_llama_dir):
     real = sum(t.numel() * t.element_size() for s in run.pool.states.values()
                for t in (s.components, s.singular_values, s.mean, s.var) if t is not None)
     assert est["none"].pca == real
+    # a round's hidden states in host memory, its PCA copies (one per batch) in a temporary file
+    cfg = _cfg(tiny_llama_dir)
+    hidden = model.config.hidden_size * cfg.data.batch_size * cfg.data.max_length * 4
+    assert est["sequential"].host == cfg.model.sequential_round * hidden
+    assert est["sequential"].disk == cfg.model.sequential_round * real and est["none"].disk == 0
 
 
 def test_cli_says_which_modes_fit(tmp_path, tiny_llama_dir):

@@ -1,0 +1,67 @@
+"""A sequential round's PCA copies: given back bit for bit after any later update, their per-feature tensors kept in a
+temporary file instead of host memory, and a temporary folder that cannot be written refused with a clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+
+import pytest
+import torch
+
+from evapipe import ipca
+from evapipe.errors import StorageError
+from evapipe.roundcopies import FILED, RoundCopies
+
+
+def assert_same(a: ipca.PCAState, b: ipca.PCAState) -> None:
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), f.name
+        else:
+            assert x == y, f.name
+
+
+def test_copies_come_back_bit_identical_after_later_updates():
+    g = torch.Generator().manual_seed(0)
+    states = {"a": ipca.new_state(48, 4, None, seed=0), "b": ipca.new_state(20, 3, 2, seed=1)}
+    expected: dict[str, list[ipca.PCAState]] = {"a": [], "b": []}
+    with RoundCopies() as copies:
+        for _ in range(4):
+            for name, s in states.items():
+                ipca.update_many([s], [torch.randn(30, s.n_features, generator=g) * 3 + 1])
+                copies.keep(name, s)
+                expected[name].append(dataclasses.replace(s, **{
+                    f.name: getattr(s, f.name).clone() for f in dataclasses.fields(s)
+                    if isinstance(getattr(s, f.name), torch.Tensor)}, history=list(s.history)))
+        copies.keep("fresh", ipca.new_state(8, 2, None, seed=2))  # not fitted yet: no tensors at all
+        for name in states:
+            for j in (2, 0, 3, 1):  # any order, any number of times
+                got = copies.get(name, j, torch.device("cpu"))
+                assert_same(got, expected[name][j])
+                got.components.zero_()  # the copy handed out is the caller's own
+                assert_same(copies.get(name, j, torch.device("cpu")), expected[name][j])
+        assert_same(copies.get("fresh", 0, torch.device("cpu")), ipca.new_state(8, 2, None, seed=2))
+
+
+def test_the_per_feature_tensors_wait_in_the_file_not_in_memory():
+    s = ipca.new_state(64, 4, None, seed=0)
+    ipca.update_many([s], [torch.randn(40, 64, generator=torch.Generator().manual_seed(0))])
+    copies = RoundCopies()
+    copies.keep("a", s)
+    light, filed = copies._kept["a"][0]
+    assert set(filed) == set(FILED) and all(getattr(light, f) is None for f in FILED)
+    assert light.singular_values is not None and light.similarity is None  # a first update has no similarity yet
+    size = copies._file.seek(0, 2)
+    assert size == s.components.numel() * 4 + s.mean.numel() * 8
+    copies.close()
+    assert copies._file is None
+
+
+def test_an_unwritable_temporary_folder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    s = ipca.new_state(16, 2, None, seed=0)
+    ipca.update_many([s], [torch.randn(10, 16)])
+    with pytest.raises(StorageError, match="PCA copies in a temporary file.*missing.*TMPDIR"):
+        RoundCopies().keep("a", s)
