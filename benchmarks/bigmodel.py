@@ -10,10 +10,12 @@ the real job (`python -m evapipe.compute`) in a fresh process, itself started fr
 less sensitive than wall time to other work on a shared machine):
 
     none        the whole model in memory (today's behaviour)
-    sequential  model.offload: sequential, one round of all the batches (one block in memory at a time)
+    sequential  model.offload: sequential, model.sequential_round = all the batches (one block in memory at a time);
+                the steps each round took are printed: the replay ends a round early where a layer that had
+                stopped (its rank budgeted to 0) is needed again, and the next round runs the rest again
     device_map  model.offload: device_map, the first half of the blocks on the CPU, the rest (and the head) on disk
 
-A random model's activation spectra are nearly flat, so no layer converges: every mode runs eva.max_batches batches
+A random model's activation spectra are nearly flat, so no layer passes the cosine test: every mode runs eva.max_batches batches
 (tau = 0.99, on_unconverged: warn), and the states are compared (ranks, |cos| of every component).
 """
 
@@ -86,8 +88,10 @@ def measure(config: str) -> None:
         sys.exit(run.stderr[-3000:])
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     split = re.search(r"forward ([\d.]+)s, SVD ([\d.]+)s", run.stderr)  # the job summary's line for rank 0
+    rounds = [int(n) for n in re.findall(r"sequential round at step \d+: .*?, (\d+) step", run.stderr)]
     print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
-                      "forward_s": float(split[1]) if split else None, "svd_s": float(split[2]) if split else None}))
+                      "forward_s": float(split[1]) if split else None, "svd_s": float(split[2]) if split else None,
+                      "round_steps": rounds}))
 
 
 def compare(a: str, b: str) -> dict:
@@ -137,8 +141,9 @@ def main() -> None:
             sys.exit(f"{mode} failed:\n{run.stderr[-3000:]}")
         results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
         r = results[mode]
-        print(f"{mode:>11}: {r['wall_s']:7.1f} s wall, {r['cpu_s']:7.1f} s CPU, peak RSS {r['peak_rss_mib']:7.0f} MiB",
-              flush=True)
+        rounds = f", rounds of {' + '.join(map(str, r['round_steps']))} steps" if r["round_steps"] else ""
+        print(f"{mode:>11}: {r['wall_s']:7.1f} s wall, {r['cpu_s']:7.1f} s CPU, peak RSS {r['peak_rss_mib']:7.0f} MiB"
+              f"{rounds}", flush=True)
     if "none" in results:
         base = results["none"]
         for mode in results:

@@ -57,9 +57,9 @@ class WeightFiles:
     def read(self, names: Mapping[str, str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """{local name: tensor} for {local name: checkpoint name}; floats cast to dtype.
 
-        Each tensor is read with its shard opened for it alone: the pages of the memory-mapped shard that a read
-        touches count as this process's memory until the shard is closed, so holding it open over a whole block
-        would count the block twice.
+        On the CPU, a tensor stored in `dtype` is a view of the memory-mapped shard, not a copy: its memory is the
+        file's pages it touches (an embedding lookup touches only the rows it reads), counted until the tensor is
+        released. On a GPU safetensors copies it to the device.
         """
         from safetensors import safe_open
 

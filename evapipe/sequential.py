@@ -26,6 +26,7 @@ the blocks (rank 0, as in memory), before the first round, so that PCA owners ar
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -48,6 +49,7 @@ from .planning import Layout, next_step
 from .roundcopies import RoundCopies
 
 HOST = torch.device("cpu")
+log = logging.getLogger("evapipe")
 
 
 class RoundLedger:
@@ -201,8 +203,9 @@ class SequentialRun(EvaRun):
         needed = next_step(self.progress.verdict).needed  # every PCA at the first step
         fed = [o for o in owners if o in needed]
         rows: dict[str, list[int]] = {o: [] for o in fed}
+        start, deepest = self.progress.step, max(self.block_of[o] for o in fed)
         with RoundCopies() as copies:
-            for i in range(max(self.block_of[o] for o in fed) + 1):
+            for i in range(deepest + 1):
                 here = [o for o in fed if self.block_of[o] == i]
                 self._capture_only(here)
                 with self.blocks.onloaded(i) as block:
@@ -212,7 +215,12 @@ class SequentialRun(EvaRun):
                             tokens = self._through(block, item)
                         if here:
                             self._feed(here, tokens, rows, copies)
-            return self._replay(owners, fed, rows, copies, len(items), after_step)
+            taken = self._replay(owners, fed, rows, copies, len(items), after_step)
+        early = taken < len(items) and not self.done and self.progress.step != self.settings.max_batches
+        log.info("sequential round at step %d: %d batch(es) through blocks 0-%d, %d step(s) taken%s", start,
+                 len(items), deepest, taken, " (a layer that had stopped is needed again: the next round starts there)"
+                 if early else "")
+        return taken
 
     def _replay(self, owners: list[str], fed: list[str], rows: dict[str, list[int]],
                 copies: RoundCopies, n: int, after_step: Callable[[], bool]) -> int:
