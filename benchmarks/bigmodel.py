@@ -3,6 +3,7 @@
     python benchmarks/bigmodel.py                         # synthetic Llama, 8 x 2048 wide (about 2 GB float32)
     python benchmarks/bigmodel.py --layers 2 --hidden 512 --batches 4        # a quick look
     python benchmarks/bigmodel.py --json out.json
+    python benchmarks/bigmodel.py --rho 1 --modes none sequential   # ranks cannot move: one round takes every step
 
 The model is a random-init Llama saved with `save_pretrained` in sharded safetensors (500 MB shards). Each mode runs
 the real job (`python -m evapipe.compute`) in a fresh process, itself started from a fresh measuring process, so
@@ -72,7 +73,7 @@ def job_config(model: str, mode: str, args: argparse.Namespace, work: Path) -> d
     return {
         "model": model_cfg,
         "data": {"path": "builtin:support_intents", "batch_size": args.batch_size, "max_length": 128, "shuffle": False},
-        "eva": {"r": 8, "rho": 2.0, "tau": 0.99, "target_modules": "all-linear", "max_batches": args.batches,
+        "eva": {"r": 8, "rho": args.rho, "tau": 0.99, "target_modules": "all-linear", "max_batches": args.batches,
                 "on_unconverged": "warn"},
         "output": {"path": str(work / f"{mode}.safetensors")},
     }
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batches", type=int, default=8, help="eva.max_batches (and the sequential round)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rho", type=float, default=2.0,
+                        help="eva.rho; 1 keeps every layer at rank r, so no layer stops and no round ends early")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--model-dir", default=None, help="keep the synthetic model here (built once)")
     parser.add_argument("--threads", type=int, default=1,
@@ -131,7 +134,7 @@ def main() -> None:
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30
     print(f"model: {args.layers} x {args.hidden} Llama, {size:.2f} GiB of safetensors in "
           f"{len(list(folder.glob('*.safetensors')))} shards; {args.batches} batches of {args.batch_size} x 128 tokens; "
-          f"{args.threads} thread(s)")
+          f"rho {args.rho:g}; {args.threads} thread(s)")
     results = {}
     for mode in args.modes:
         cfg = work / f"{mode}.yaml"
