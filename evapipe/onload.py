@@ -15,10 +15,13 @@ host memory. This module holds the parts of that, independent of EVA:
 
 from __future__ import annotations
 
+import ctypes
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +147,28 @@ def refuse_unsupported(config: Any) -> None:
         )
 
 
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent from musl
+    except (AttributeError, OSError):
+        return None
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere).
+
+    A block's pass frees its activations and PCA work buffers, but the allocator keeps those pages, interleaved
+    with what lives on (the round's hidden states, the PCAs): without this, the high-water mark of every block's
+    pass stays resident under the next block's weights.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class StopAtBlock(Exception):
     """Raised by the first block's hook once its call arguments are taken."""
 
@@ -229,6 +254,7 @@ class BlockModel:
             yield block
         finally:
             self._release(block, keys)
+            trim_heap()
 
     def block_inputs(self, forward: Callable[[], Any]) -> BlockInputs:
         """Run `forward` (the model's own forward on one batch) up to the first block; return that block's call."""
