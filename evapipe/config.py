@@ -57,8 +57,8 @@ class ModelConfig:
     )
     sequential_round: int = _f(
         8,
-        "With offload: sequential, batches per round: each block is read once per round, and the round's hidden "
-        "states (plus a copy of each unconverged PCA per batch) wait in host memory.",
+        "With offload: sequential, batches per round: each block is read once per round; the round's hidden "
+        "states wait in host memory, and a copy of each unconverged PCA per batch in a temporary file (TMPDIR).",
     )
     device_map: str | dict[str, int | str] | None = _f(
         None,
