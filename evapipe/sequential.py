@@ -179,11 +179,11 @@ class SequentialRun(EvaRun):
             rows[o].append(int(tokens[o].shape[0]) if o in tokens else 0)
         pool = self.pool
         routed = pool.route(tokens, owners)
-        with collectively(self.comm):
+        with collectively(self.comm):  # a failed update or copy (a full temporary folder) stops every rank
             pool.update(routed)
-        for o in owners:
-            if o in pool.states:
-                copies.keep(o, pool.states[o])
+            for o in owners:
+                if o in pool.states:
+                    copies.keep(o, pool.states[o])
 
     def _round(self, batches: list[tuple[Any, BaseException | None]], after_step: Callable[[], bool]) -> int:
         """One round over `batches` (this rank's shares); returns how many steps it took (a prefix of them)."""

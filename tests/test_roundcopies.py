@@ -9,7 +9,8 @@ import tempfile
 import pytest
 import torch
 
-from evapipe import ipca
+from conftest import tiny_job
+from evapipe import config_from_dict, ipca, run_job
 from evapipe.errors import StorageError
 from evapipe.roundcopies import FILED, RoundCopies
 
@@ -65,3 +66,12 @@ def test_an_unwritable_temporary_folder_is_a_clear_error(tmp_path, monkeypatch):
     ipca.update_many([s], [torch.randn(10, 16)])
     with pytest.raises(StorageError, match="PCA copies in a temporary file.*missing.*TMPDIR"):
         RoundCopies().keep("a", s)
+
+
+def test_a_sequential_job_without_room_for_its_copies_stops_with_that_error(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    out = tmp_path / "eva.safetensors"
+    cfg = config_from_dict(tiny_job(tiny_llama_dir, model={"offload": "sequential"}, output={"path": str(out)}))
+    with pytest.raises(StorageError, match="temporary file"):
+        run_job(cfg, show_progress=False)
+    assert not out.exists()
