@@ -302,7 +302,7 @@ def test_task_names_cannot_climb_out_of_the_store(tmp_path, tiny_llama_dir, task
 
 # -- 9. the store key sees what the loader reads ---------------------------------------------------------------------
 def test_hidden_data_files_are_neither_read_nor_keyed(tmp_path, tiny_llama_dir):
-    from evapipe.data import load_rows
+    from evapipe.data import load_task_data
 
     folder = tmp_path / "data"
     folder.mkdir()
@@ -311,7 +311,7 @@ def test_hidden_data_files_are_neither_read_nor_keyed(tmp_path, tiny_llama_dir):
     jsonl(folder / ".ipynb_checkpoints" / "a-checkpoint.jsonl", [{"text": "stale"}])
     cfg = config_from_dict(tiny_job(tiny_llama_dir, data={"path": str(folder), "max_samples": None},
                                     output={"path": "o.safetensors"}))
-    assert load_rows(cfg.data)["text"] == ["one", "two"]
+    assert load_task_data(cfg.data)[0]["text"] == ["one", "two"]
     key = job_key(cfg)
     jsonl(folder / ".ipynb_checkpoints" / "a-checkpoint.jsonl", [{"text": "changed"}])
     assert job_key(cfg) == key
