@@ -50,9 +50,9 @@ def global_steps(passes: Callable[[int], Iterable[T]], size: int) -> Iterator[li
 class StreamRows:
     """A streamed split as data.TaskRows: null rows skipped as they come, one pass's length known once read."""
 
-    def __init__(self, ds: Any, cfg: DataConfig, columns: list[str], identity: str):
+    def __init__(self, ds: Any, cfg: DataConfig, columns: list[str], source: Callable[[], Any]):
         self.ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer) if cfg.shuffle else ds
-        self.columns, self.where, self.identity = columns, cfg.path, identity
+        self.columns, self.where, self.cfg, self._source = columns, cfg.path, cfg, source
         self.skipped = 0
         self._pass_rows: int | None = None
 
@@ -63,7 +63,9 @@ class StreamRows:
         return None if self._pass_rows is None else -(-self._pass_rows // global_batch)
 
     def fingerprint(self) -> str:
-        return self.identity
+        """The data's source (see open_stream), its split, the columns read and the sample cap: asked for on rank 0
+        only, so the other ranks never hash the files."""
+        return json_digest([self._source(), self.cfg.split, self.columns, self.cfg.max_samples], 16)
 
     def _rows(self, epoch: int) -> Iterator[dict[str, Any]]:
         """Pass `epoch` (reshuffled per pass, as a table is), rows whose used columns hold a value."""
@@ -96,8 +98,8 @@ class StreamRows:
 def open_stream(cfg: DataConfig, kind: str) -> StreamRows:
     """The configured split as a stream, checked on its first row (not empty, the columns `kind` reads).
 
-    Its identity (the state's dataset fingerprint) is bounded-memory: the content hash of local files (the one the
-    store key takes), or the hub dataset's commit as `datasets` resolved it, with the split, columns and sample cap.
+    Its source, for the fingerprint, is read in bounded memory: the content hash of local files (the one the store
+    key takes), or the hub dataset's commit as `datasets` resolved it.
     """
     import datasets
 
@@ -112,7 +114,8 @@ def open_stream(cfg: DataConfig, kind: str) -> StreamRows:
         raise DataError(f"dataset `{cfg.path}` split {cfg.split!r} is empty")
     missing_columns(cfg, kind, ds.column_names or list(first))
     files = data_files(resolve_data_path(cfg.path))
-    source = files_digest(files) if files is not None else [cfg.path, cfg.name, builder.hash]
-    columns = data_columns(cfg, kind)
-    identity = json_digest([source, cfg.split, columns, cfg.max_samples], 16)
-    return StreamRows(ds, cfg, columns, identity)
+
+    def source() -> Any:
+        return files_digest(files) if files is not None else [cfg.path, cfg.name, builder.hash]
+
+    return StreamRows(ds, cfg, data_columns(cfg, kind), source)
