@@ -63,11 +63,13 @@ def one_line_error(args: list[str]) -> str:
 
 
 # -- 1. nothing selected ---------------------------------------------------------------------------------------------
-def test_all_tokens_masked_fails_after_one_pass_naming_cause_and_fix(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("streaming", [False, True])  # a stream knows its pass length once it has read one
+def test_all_tokens_masked_fails_after_one_pass_naming_cause_and_fix(streaming, tmp_path, tiny_llama_dir):
     rows = [{"prompt": "please tell me where my order is " * 4, "completion": f" it ships today {i}"}
             for i in range(10)]
     job = tiny_job(tiny_llama_dir, data={"path": jsonl(tmp_path / "p.jsonl", rows), "prompt_field": "prompt",
-                                         "completion_field": "completion", "max_length": 8, "max_samples": None},
+                                         "completion_field": "completion", "max_length": 8, "max_samples": None,
+                                         "streaming": streaming},
                    eva={"max_batches": 40, "on_unconverged": "warn"}, output={"path": str(tmp_path / "o.safetensors")})
     with pytest.raises(DataError) as err:  # before: an AttributeError at max_batches (an endless loop without it)
         run_job(config_from_dict(job), show_progress=False)

@@ -143,11 +143,13 @@ def _job(tmp_path, llama_dir, out, **data):
                     output={"path": str(tmp_path / out)})
 
 
-def test_unshuffled_streaming_job_gives_the_table_jobs_state(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("offload", ["none", "sequential"])
+def test_unshuffled_streaming_job_gives_the_table_jobs_state(offload, tmp_path, tiny_llama_dir):
     table = run_job(config_from_dict(_job(tmp_path, tiny_llama_dir, "t.safetensors", shuffle=False)),
                     show_progress=False).state
-    stream = run_job(config_from_dict(_job(tmp_path, tiny_llama_dir, "s.safetensors", shuffle=False,
-                                           streaming=True)), show_progress=False).state
+    job = _job(tmp_path, tiny_llama_dir, "s.safetensors", shuffle=False, streaming=True)
+    job["model"] |= {"offload": offload, "sequential_round": 4}
+    stream = run_job(config_from_dict(job), show_progress=False).state
     assert stream.ranks == table.ranks and stream.meta["tokens"] == table.meta["tokens"]
     for name, x in table.tensors.items():
         assert torch.equal(stream.tensors[name], x), name
