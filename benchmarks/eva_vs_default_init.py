@@ -72,13 +72,13 @@ def eva_state(path: str, labels: list[str], seed: int) -> Any:
     from transformers import AutoTokenizer
 
     from evapipe import compute_eva_state, load_config
-    from evapipe.data import load_rows, make_collator, rank_batches
+    from evapipe.data import make_collator, open_rows, rank_batches
 
     cfg = load_config(REPO / "configs" / "default.yaml")
     model = classifier(path, labels, seed)
-    rows = load_rows(cfg.data, "seq-cls")
+    rows = open_rows(cfg.data, "seq-cls")
     collate = make_collator(AutoTokenizer.from_pretrained(path), cfg.data, "seq-cls")
-    batches = (batch for _, batch in rank_batches(rows, collate, cfg.data, 1, 0))
+    batches = rank_batches(rows, collate, cfg.data.batch_size, 1, 0)
     return compute_eva_state(model, batches, cfg.eva, show_progress=False)
 
 

@@ -242,13 +242,13 @@ def lora_config_for(state: EvaState, model: nn.Module, base: LoraConfig | None =
     experts = expert_keys(meta)
     targets = [n for n, k in ranks.items() if k > 0 and n not in experts]
     p_ranks = {p: k for p, k in parameter_ranks(ranks, meta).items() if k > 0}
-    p_alphas = {p: a for p, a in parameter_alphas(ranks, meta).items() if p in p_ranks}
     if not targets and not p_ranks:
         raise StateError("every layer of the state has rank 0: there is nothing to adapt")
     wanted = set(targets)
     r, alpha = int(meta["r"]), meta["lora_alpha"]
     use_dora = use_dora or bool(base and base.use_dora)
     use_rslora = use_rslora or bool(base and base.use_rslora)
+    p_alphas = {p: a for p, a in parameter_alphas(ranks, meta, use_rslora).items() if p in p_ranks}
     alphas = layer_alphas(state, use_rslora)
     collateral = [n for n, _ in model.named_modules() if n not in wanted and _ends_with_any(n, wanted)]
     modules = dict(model.named_modules())

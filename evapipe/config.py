@@ -84,7 +84,13 @@ class DataConfig:
         "`builtin:support_intents` is the customer-support dataset evapipe ships.",
     )
     name: str | None = _f(None, "Dataset configuration name (hub datasets).")
+    revision: str | None = _f(None, "Hub dataset revision (branch, tag or commit) to read; null: the default branch.")
     split: str = _f("train", "Split to read.")
+    streaming: bool = _f(
+        False,
+        "Read the data as a `datasets` IterableDataset, row by row as the job needs it (no Arrow conversion of the "
+        "whole corpus first); every process reads the stream and keeps its share of each step.",
+    )
     text_field: str | None = _f(
         "text", "Column with the text (ignored when prompt_field or messages_field is set, and for image-cls)."
     )
@@ -106,6 +112,9 @@ class DataConfig:
     max_length: int = _f(128, "Tokens per sample after truncation.")
     batch_size: int = _f(8, "Samples per batch, per process.")
     shuffle: bool = _f(True, "Shuffle samples (seeded, reshuffled every pass over the data).")
+    shuffle_buffer: int = _f(
+        10_000, "With streaming and shuffle: rows in the shuffle buffer (datasets' IterableDataset.shuffle)."
+    )
     seed: int = _f(0, "Seed for shuffling.")
     max_samples: int | None = _f(None, "Use only the first N samples of the split.")
 
@@ -281,6 +290,7 @@ def _validate(cfg: JobConfig) -> None:
         (d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}"),
         (d.max_length >= 1, "data.max_length", f"must be >= 1, got {d.max_length}"),
         (d.max_samples is None or d.max_samples >= 1, "data.max_samples", "must be >= 1 or null"),
+        (d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}"),
         ((d.prompt_field is None) == (d.completion_field is None), "data.completion_field",
          "prompt_field and completion_field go together"),
         (d.messages_field is None or d.prompt_field is None, "data.messages_field",

@@ -14,9 +14,10 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -68,6 +69,40 @@ def data_columns(cfg: DataConfig, kind: str) -> list[str]:
     return [cfg.text_field]
 
 
+@contextmanager
+def reading(cfg: DataConfig) -> Iterator[None]:
+    """`datasets` raises many types for unreadable input: each becomes one DataError that names the data."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"cannot read data from `{cfg.path}` (split {cfg.split!r}): {err}") from None
+
+
+def source_args(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
+    """What `datasets.load_dataset` / `load_dataset_builder` are called with: the builder of local files (found
+    by suffix, checked to be one kind, empty files dropped) with them as the split, or the hub id with its
+    configuration and revision."""
+    path = resolve_data_path(cfg.path)
+    files = _local_files(path)
+    if files is None:
+        return path, {"name": cfg.name, "revision": cfg.revision}
+    files = _drop_empty(files, cfg.path)
+    suffixes = {Path(f).suffix.lower() for f in files}
+    builders = {FILE_BUILDERS.get(suffix) for suffix in suffixes}
+    if len(builders) != 1 or None in builders:
+        raise DataError(f"data files must be all of one kind ({', '.join(FILE_BUILDERS)}); got {sorted(suffixes)}")
+    return builders.pop(), {"data_files": {cfg.split: files}}
+
+
+def missing_columns(cfg: DataConfig, kind: str, columns: Sequence[str]) -> None:
+    """A DataError naming the first column `kind` reads that the data does not have."""
+    for name in data_columns(cfg, kind):
+        if name not in columns:
+            raise DataError(f"dataset `{cfg.path}` has no column `{name}`; columns: {', '.join(columns)}")
+
+
 def load_task_data(cfg: DataConfig, kind: str = "causal-lm") -> tuple[Any, int]:
     """The configured split as a datasets.Dataset, checked non-empty and holding the columns `kind` reads, without
     rows whose used columns are null (which would be read as the text "None"); and how many such rows it skipped.
@@ -77,36 +112,15 @@ def load_task_data(cfg: DataConfig, kind: str = "causal-lm") -> tuple[Any, int]:
     """
     import datasets
 
-    path = resolve_data_path(cfg.path)
-    files = _local_files(path)
-    try:
-        if files is not None:
-            files = _drop_empty(files, cfg.path)
-            suffixes = {Path(f).suffix.lower() for f in files}
-            builders = {FILE_BUILDERS.get(suffix) for suffix in suffixes}
-            if len(builders) != 1 or None in builders:
-                known = ", ".join(FILE_BUILDERS)
-                raise DataError(f"data files must be all of one kind ({known}); got {sorted(suffixes)}")
-            ds = datasets.load_dataset(builders.pop(), data_files={cfg.split: files}, split=cfg.split)
-        else:
-            ds = datasets.load_dataset(path, cfg.name, split=cfg.split)
-    except DataError:
-        raise
-    except Exception as err:  # datasets raises many types for unreadable input
-        raise DataError(f"cannot read data from `{cfg.path}` (split {cfg.split!r}): {err}") from None
+    with reading(cfg):
+        name, kwargs = source_args(cfg)
+        ds = datasets.load_dataset(name, split=cfg.split, **kwargs)
     if cfg.max_samples is not None:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
     if len(ds) == 0:
         raise DataError(f"dataset `{cfg.path}` split {cfg.split!r} is empty")
-    for name in data_columns(cfg, kind):
-        if name not in ds.column_names:
-            raise DataError(f"dataset `{cfg.path}` has no column `{name}`; columns: {', '.join(ds.column_names)}")
+    missing_columns(cfg, kind, ds.column_names)
     return drop_null_rows(ds, data_columns(cfg, kind), cfg.path)
-
-
-def load_rows(cfg: DataConfig, kind: str = "causal-lm") -> Any:
-    """load_task_data's rows alone."""
-    return load_task_data(cfg, kind)[0]
 
 
 def _arrow_batches(ds: Any, columns: list[str]) -> Iterator[Any]:
@@ -340,7 +354,64 @@ def rows_at(ds: Any, indices: list[int]) -> list[dict[str, Any]]:
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
-def rank_batches(ds: Any, collate: Any, cfg: DataConfig, world: int, rank: int, start_step: int = 0):
-    """(shard, batch or None for an empty share) for every global step, this rank's share."""
-    for shard in sharded_steps(len(ds), cfg.batch_size, world, rank, cfg.shuffle, cfg.seed, start_step):
-        yield shard, (collate(rows_at(ds, shard.indices)) if shard.indices else None)
+class TaskRows(Protocol):
+    """The task's rows as a job reads them, step by step: a table (TableRows) or a stream (streaming.StreamRows).
+
+    Step k of the global stream holds `batch_size x world` rows; rank r reads its r-th slice (see the module
+    docstring), so both kinds give the same steps on the same rows in the same order.
+    """
+
+    skipped: int  # rows left out because a used column is null (so far, for a stream)
+
+    def samples(self) -> int | None:
+        """Rows in one pass over the data; None while a stream has not been read to its end."""
+
+    def pass_steps(self, global_batch: int) -> int | None:
+        """Steps in one pass over the data; None while a stream has not been read to its end."""
+
+    def fingerprint(self) -> str:
+        """What identifies the data read, in bounded memory (the state's provenance)."""
+
+    def steps(self, batch_size: int, world: int, rank: int, start_step: int = 0) -> Iterator[list[dict[str, Any]]]:
+        """This rank's rows for every global step from `start_step` on, endlessly (an empty share is [])."""
+
+
+@dataclass
+class TableRows:
+    """A datasets.Dataset read by index: shuffled as a whole per pass (seeded), any step reachable at once."""
+
+    ds: Any
+    columns: list[str]
+    shuffle: bool
+    seed: int
+    skipped: int = 0
+
+    def samples(self) -> int:
+        return len(self.ds)
+
+    def pass_steps(self, global_batch: int) -> int:
+        return math.ceil(len(self.ds) / global_batch)
+
+    def fingerprint(self) -> str:
+        return dataset_fingerprint(self.ds, self.columns)
+
+    def steps(self, batch_size: int, world: int, rank: int, start_step: int = 0) -> Iterator[list[dict[str, Any]]]:
+        for shard in sharded_steps(len(self.ds), batch_size, world, rank, self.shuffle, self.seed, start_step):
+            yield rows_at(self.ds, shard.indices) if shard.indices else []
+
+
+def open_rows(cfg: DataConfig, kind: str = "causal-lm") -> TaskRows:
+    """The task's rows, checked (not empty, the columns `kind` reads): a stream with data.streaming, else a table."""
+    if cfg.streaming:
+        from .streaming import open_stream
+
+        return open_stream(cfg, kind)
+    ds, skipped = load_task_data(cfg, kind)
+    return TableRows(ds, data_columns(cfg, kind), cfg.shuffle, cfg.seed, skipped)
+
+
+def rank_batches(rows: TaskRows, collate: Any, batch_size: int, world: int, rank: int,
+                 start_step: int = 0) -> Iterator[Any]:
+    """This rank's batch (None for an empty share) for every global step from `start_step` on."""
+    for share in rows.steps(batch_size, world, rank, start_step):
+        yield collate(share) if share else None

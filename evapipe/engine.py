@@ -45,6 +45,8 @@ from .planning import Layout, Verdict, allocate, component_caps, judge, next_ste
 from .state import EvaState
 from .targets import resolve_targets
 
+# one pass over the data, in steps: a number (rank 0's counts), a function asked after each step, or unknown
+PassSteps = int | Callable[[], int | None] | None
 log = logging.getLogger("evapipe")
 
 
@@ -177,13 +179,13 @@ class EvaRun:
         p.verdict = settle_waiting(verdict, waiting)
 
     def run(self, batches: Iterable[Any], show_progress: bool = True,
-            on_step: Callable[[EvaRun], None] | None = None, pass_steps: int | None = None) -> None:
+            on_step: Callable[[EvaRun], None] | None = None, pass_steps: PassSteps = None) -> None:
         """Step until every PCA is done or eva.max_batches; `batches` yields this rank's share (None if empty).
 
-        `pass_steps` (rank 0's value counts) is the length of one pass over the data: a layer that has received no
+        `pass_steps` is the length of one pass over the data (see agreed_pass_steps): a layer that has received no
         token after it is an error instead of an endless loop.
         """
-        pass_steps = self.comm.broadcast(pass_steps)
+        pass_steps = self.agreed_pass_steps(pass_steps)
         max_batches = self.settings.max_batches
         bar = tqdm(total=max_batches, disable=not (show_progress and self.comm.is_main), desc="EVA", unit="batch",
                    initial=self.progress.step)
@@ -205,13 +207,24 @@ class EvaRun:
             bar.close()
             self.source.close()
 
-    def _after_step(self, bar: Any, pass_steps: int | None, on_step: Callable[[EvaRun], None] | None) -> None:
+    def agreed_pass_steps(self, pass_steps: PassSteps) -> Callable[[], int | None]:
+        """One pass's length as every rank sees it. A number counts as rank 0's (users' dataloaders may differ in
+        length per rank); a function is asked after every step: a stream learns its length when a pass ends, at the
+        same step on every rank, since every rank reads the whole stream."""
+        if callable(pass_steps):
+            return pass_steps
+        agreed = self.comm.broadcast(pass_steps)
+        return lambda: agreed
+
+    def _after_step(self, bar: Any, pass_steps: Callable[[], int | None],
+                    on_step: Callable[[EvaRun], None] | None) -> None:
         """What follows every agreed step, whichever driver took it: progress, the one-pass check for layers that
         never got a token, and the caller's hook (checkpoints)."""
         p = self.progress
         bar.update(1)
         bar.set_postfix_str(f"{len(p.layout.members(p.verdict.passed()))}/{len(self.names)} layers converged")
-        if pass_steps and p.step >= pass_steps:
+        length = pass_steps()
+        if length and p.step >= length:
             self._check_fed()
         if on_step is not None:
             on_step(self)

@@ -45,13 +45,14 @@ def parameter_ranks(ranks: Mapping[str, int], meta: Mapping) -> dict[str, int]:
             for p, info in expert_parameters(meta).items()}
 
 
-def parameter_alphas(ranks: Mapping[str, int], meta: Mapping) -> dict[str, float]:
-    """PEFT's alpha per expert parameter: its alpha before scaling, scaled to the parameter's r as for a layer."""
+def parameter_alphas(ranks: Mapping[str, int], meta: Mapping, rslora: bool = False) -> dict[str, float]:
+    """PEFT's alpha per expert parameter: its alpha before scaling, scaled to the parameter's r as for a layer
+    (by the rsLoRA rule with `rslora`, as apply.layer_alphas does for layers)."""
     out = {}
     for p, r in parameter_ranks(ranks, meta).items():
         first = expert_key(p, 0)
         out[p] = scaled_alpha(float(meta["layer_alpha"][first]), r, int(meta["layer_r"][first]),
-                              bool(meta.get("adjust_scaling_factors", True)))
+                              bool(meta.get("adjust_scaling_factors", True)), rslora=rslora)
     return out
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ from .joblock import POLL_S
 if TYPE_CHECKING:
     import torch
 
+    from .data import TaskRows
     from .distributed import Comm
     from .engine import EvaRun, RankStats
     from .state import EvaState
@@ -193,15 +193,14 @@ class _Loaded:
     """What a job computes on: the run around the model, the rows, and how they become batches."""
 
     run: EvaRun
-    rows: Any  # a datasets.Dataset
+    rows: TaskRows  # a table, or a stream with data.streaming
     collate: Any  # rows -> a batch (data.make_collator)
     kind: str
-    skipped: int  # rows left out because a used column was null
-    fingerprint: str | None  # of the data's used columns: on rank 0, taken before the work
+    fingerprint: str | None  # of the data read: on rank 0, taken before the work
 
 
 def _load(cfg: JobConfig, comm: Comm, device: torch.device) -> _Loaded:
-    from .data import data_columns, dataset_fingerprint, load_task_data, make_collator
+    from .data import make_collator, open_rows
     from .engine import EvaRun
     from .models import load_blocks, load_model, load_processor
     from .sequential import SequentialRun
@@ -218,10 +217,10 @@ def _load(cfg: JobConfig, comm: Comm, device: torch.device) -> _Loaded:
         model, kind = load_model(cfg.model, device)
         run = EvaRun(model, cfg.eva, comm, forward_fn, model_fn, layer_fn)
     processor = load_processor(cfg.model, kind)
-    rows, skipped = load_task_data(cfg.data, kind)
+    rows = open_rows(cfg.data, kind)
     # once, before the work, in bounded memory: a failure here costs nothing computed yet
-    fingerprint = dataset_fingerprint(rows, data_columns(cfg.data, kind)) if comm.is_main else None
-    return _Loaded(run, rows, make_collator(processor, cfg.data, kind), kind, skipped, fingerprint)
+    fingerprint = rows.fingerprint() if comm.is_main else None
+    return _Loaded(run, rows, make_collator(processor, cfg.data, kind), kind, fingerprint)
 
 
 def _provenance(cfg: JobConfig, job: dict[str, Any], loaded: _Loaded) -> dict[str, Any]:
@@ -235,8 +234,9 @@ def _provenance(cfg: JobConfig, job: dict[str, Any], loaded: _Loaded) -> dict[st
         "store_key": job["key"],
         "model": model | {"dtype": cfg.model.dtype, "quantization": cfg.model.quantization, "kind": loaded.kind},
         "dataset": {
-            "id": d.path, "name": d.name, "split": d.split, "samples": len(loaded.rows),
-            "skipped_null_rows": loaded.skipped, "fingerprint": loaded.fingerprint, "max_length": d.max_length,
+            "id": d.path, "name": d.name, "revision": d.revision, "split": d.split, "streaming": d.streaming,
+            "samples": loaded.rows.samples(), "skipped_null_rows": loaded.rows.skipped,
+            "fingerprint": loaded.fingerprint, "max_length": d.max_length,
         },
     }
 
@@ -254,12 +254,15 @@ def _compute(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[str, An
     with collectively(comm):  # every rank stops with the first rank's error
         loaded = _load(cfg, comm, device)
     run = loaded.run
-    log.info("%d samples, %d target layers, rank budget %d", len(loaded.rows), len(run.names), run.budget)
+    samples = loaded.rows.samples()
+    log.info("%s samples, %d target layers, rank budget %d", "streamed" if samples is None else samples,
+             len(run.names), run.budget)
     snapshot = checkpoint.resume(ckpt, comm, job, restart)
     with collectively(comm):  # a checkpoint that cannot be restored on one rank stops every rank
         if snapshot is not None:
             run.restore(snapshot)
-    batches = (b for _, b in rank_batches(loaded.rows, loaded.collate, cfg.data, comm.world, comm.rank, run.progress.step))
+    global_batch = cfg.data.batch_size * comm.world
+    batches = rank_batches(loaded.rows, loaded.collate, cfg.data.batch_size, comm.world, comm.rank, run.progress.step)
     every, max_batches = cfg.output.checkpoint_every, cfg.eva.max_batches
 
     def on_step(r: EvaRun) -> None:
@@ -269,7 +272,7 @@ def _compute(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[str, An
 
     with torch.no_grad():
         run.run(batches, show_progress=show_progress, on_step=on_step,
-                pass_steps=math.ceil(len(loaded.rows) / (cfg.data.batch_size * comm.world)))
+                pass_steps=lambda: loaded.rows.pass_steps(global_batch))
     state, path = None, None
     with collectively(comm):  # e.g. rank 0 cannot write: every rank exits non-zero with its message
         state = run.result(_provenance(cfg, job, loaded))

@@ -40,7 +40,7 @@ from .agreement import Agreement
 from .capture import shared_input_groups
 from .config import EvaSettings
 from .distributed import Comm, collectively
-from .engine import EvaRun
+from .engine import EvaRun, PassSteps
 from .errors import ConfigError, DataError
 from .forward import to_device
 from .guards import check_layer_inputs
@@ -249,12 +249,12 @@ class SequentialRun(EvaRun):
 
     # -- driving ---------------------------------------------------------------------------------------------
     def run(self, batches: Iterable[Any], show_progress: bool = True,
-            on_step: Callable[[EvaRun], None] | None = None, pass_steps: int | None = None) -> None:
+            on_step: Callable[[EvaRun], None] | None = None, pass_steps: PassSteps = None) -> None:
         """Rounds until every PCA is done or eva.max_batches; `batches` yields this rank's share (None if empty).
         `pass_steps`: as in EvaRun.run, a layer still without a token after one pass over the data is an error."""
         from tqdm.auto import tqdm
 
-        pass_steps = self.comm.broadcast(pass_steps)
+        pass_steps = self.agreed_pass_steps(pass_steps)
         max_batches = self.settings.max_batches
         bar = tqdm(total=max_batches, disable=not (show_progress and self.comm.is_main), desc="EVA", unit="batch",
                    initial=self.progress.step)

@@ -7,8 +7,12 @@ in a fraction of a second.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
@@ -83,3 +87,32 @@ def data_files(path: str) -> list[Path] | None:
     if any(c in path for c in "*?["):
         return [Path(f) for f in sorted(glob.glob(path, recursive=True)) if Path(f).is_file()]
     return None
+
+
+def file_sha(path: Path, h: Any = None) -> Any:
+    """sha256 of a file's bytes, read 1 MiB at a time (memory does not grow with the file)."""
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h
+
+
+def json_digest(obj: Any, length: int) -> str:
+    """A short, stable hash of a JSON-able description (keys sorted), for store keys and fingerprints."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def files_digest(files: list[Path]) -> str:
+    """Content hash of data files in order: the same bytes under another path or name hash the same. Remembered
+    per (path, size, mtime) in a process, so the store key and the data's fingerprint read a corpus once."""
+    return _files_digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@lru_cache(maxsize=16)
+def _files_digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for path, size, _ in files:
+        h.update(f"{size}:".encode())
+        file_sha(Path(path), h)
+    return h.hexdigest()[:32]

@@ -11,7 +11,6 @@ one model, or one task on two models, sit side by side.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,16 @@ from typing import Any
 
 from .config import DataConfig, JobConfig, ModelConfig
 from .errors import ConfigError, StateError
-from .sources import VOLATILE_CONFIG_KEYS, data_files, files_under, resolve_data_path, resolve_model_path
+from .sources import (
+    VOLATILE_CONFIG_KEYS,
+    data_files,
+    file_sha,
+    files_digest,
+    files_under,
+    json_digest,
+    resolve_data_path,
+    resolve_model_path,
+)
 from .state import FORMAT, read_header, read_metadata, spectrum_path
 
 log = logging.getLogger("evapipe")
@@ -39,18 +47,6 @@ IGNORED_FIELDS = {
 }
 
 
-def digest(obj: Any, length: int = KEY_LENGTH) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
-
-
-def _file_sha(path: Path, h: Any | None = None) -> Any:
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h
-
-
 def model_folder_digest(folder: Path) -> str:
     """config.json without its load/save-only keys, small files by content, large (weights) by size and mtime."""
     entries = []
@@ -60,17 +56,17 @@ def model_folder_digest(folder: Path) -> str:
             try:
                 cfg = json.loads(f.read_text())
             except (OSError, ValueError):
-                cfg = _file_sha(f).hexdigest()
+                cfg = file_sha(f).hexdigest()
             if isinstance(cfg, dict):
                 cfg = {k: v for k, v in cfg.items() if k not in VOLATILE_CONFIG_KEYS}
             entries.append((rel, cfg))
             continue
         st = f.stat()
         if st.st_size <= CONTENT_HASH_LIMIT:
-            entries.append((rel, _file_sha(f).hexdigest()))
+            entries.append((rel, file_sha(f).hexdigest()))
         else:
             entries.append((rel, st.st_size, st.st_mtime_ns))
-    return digest(entries, 32)
+    return json_digest(entries, 32)
 
 
 def model_part(cfg: ModelConfig) -> dict[str, Any]:
@@ -81,16 +77,23 @@ def model_part(cfg: ModelConfig) -> dict[str, Any]:
     return part
 
 
+def order_ignored(cfg: DataConfig) -> set[str]:
+    """Data fields that do not change which rows each step holds, so they stay out of the key: read unshuffled, a
+    stream gives a table's steps; only a shuffled stream's order depends on streaming and its buffer. A hub
+    revision left at its default stays out too, so keys from before these fields existed still hit."""
+    ignored = {"revision"} if cfg.revision is None else set()
+    if not (cfg.streaming and cfg.shuffle):
+        ignored |= {"streaming", "shuffle_buffer"}
+    return ignored
+
+
 def data_part(cfg: DataConfig, world: int) -> dict[str, Any]:
-    part = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in IGNORED_FIELDS["data"]}
+    ignored = IGNORED_FIELDS["data"] | order_ignored(cfg)
+    part = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     part["global_batch"] = cfg.batch_size * world
     files = data_files(resolve_data_path(cfg.path))
     if files is not None:  # same bytes under another path or name: same data
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f"{f.stat().st_size}:".encode())
-            _file_sha(f, h)
-        part["path"], part["content"] = None, h.hexdigest()[:32]
+        part["path"], part["content"] = None, files_digest(files)
     return part
 
 
@@ -116,7 +119,7 @@ def hook_identity(spec: str | None) -> Any:
     if spec is None:
         return None
     source = _module_file(spec.partition(":")[0])
-    return {"spec": spec, "source": None if source is None else _file_sha(source).hexdigest()[:32]}
+    return {"spec": spec, "source": None if source is None else file_sha(source).hexdigest()[:32]}
 
 
 def _module_file(module: str) -> Path | None:
@@ -132,7 +135,7 @@ def _module_file(module: str) -> Path | None:
 def job_identity(cfg: JobConfig, world: int | None = None) -> dict[str, Any]:
     """{"key": the store key, "parts": what it hashes}: recorded with checkpoints, so a mismatch can be explained."""
     parts = key_parts(cfg, world)
-    return {"key": digest(parts), "parts": parts}
+    return {"key": json_digest(parts, KEY_LENGTH), "parts": parts}
 
 
 def job_key(cfg: JobConfig, world: int | None = None) -> str:

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from evapipe.adapter_check import check_adapter_dir
     from evapipe.config import DataConfig
-    from evapipe.data import load_rows, make_collator, rank_batches
+    from evapipe.data import make_collator, open_rows, rank_batches
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -70,14 +70,15 @@ def main(argv: list[str] | None = None) -> None:
 
     data = DataConfig(path=args.data, messages_field="messages", max_length=args.max_length,
                       batch_size=args.batch_size, seed=0)
-    rows = load_rows(data, "causal-lm")
+    rows = open_rows(data, "causal-lm")
+    first_row = next(rows.steps(1, 1, 0))
     collate = make_collator(tokenizer, data, "causal-lm")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model.train()
     losses = []
-    for _, batch in itertools.islice(rank_batches(rows, collate, data, world, rank), args.steps):  # endless passes
+    for batch in itertools.islice(rank_batches(rows, collate, data.batch_size, world, rank), args.steps):  # endless passes
         if batch is None:  # an uneven last step left this process no samples: it still joins the step, at loss 0
-            batch = collate([rows[0]])
+            batch = collate(first_row)
             batch["labels"][:] = -100
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)

@@ -34,7 +34,7 @@ from transformers import (  # noqa: E402
 
 from evapipe import compute_eva_state, load_config, load_state  # noqa: E402
 from evapipe.apply import apply_eva_state  # noqa: E402
-from evapipe.data import load_rows, make_collator, rank_batches  # noqa: E402
+from evapipe.data import make_collator, open_rows, rank_batches  # noqa: E402
 from evapipe.sources import resolve_data_path, resolve_model_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     else:
         cfg = load_config(REPO / "configs" / "default.yaml")
         collate = make_collator(tok, cfg.data, "seq-cls")
-        batches = (b for _, b in rank_batches(load_rows(cfg.data, "seq-cls"), collate, cfg.data, 1, 0))
+        batches = rank_batches(open_rows(cfg.data, "seq-cls"), collate, cfg.data.batch_size, 1, 0)
         state = compute_eva_state(model, batches, cfg.eva, show_progress=False)
         state.save(state_path)
     print(f"EVA state: {len(state.tensors)} layers, ranks {min(state.ranks.values())}-{max(state.ranks.values())}")

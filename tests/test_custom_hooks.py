@@ -14,7 +14,7 @@ import torch
 
 from conftest import write_image_folder
 from evapipe import config_from_dict, run_job
-from evapipe.data import load_rows, make_collator, rank_batches
+from evapipe.data import make_collator, open_rows, rank_batches
 from evapipe.job import import_callable
 from evapipe.models import load_model, load_processor
 from evapipe.state import strip_peft_prefix
@@ -84,9 +84,9 @@ def test_config_hooks_match_peft(case, tmp_path, tiny_model_dir, support_texts):
     # PEFT on the same model, batches (in the job's order, cycled) and settings
     model, _ = load_model(cfg.model, torch.device("cpu"))
     collate = make_collator(load_processor(cfg.model, kind), cfg.data, kind)
-    ds = load_rows(cfg.data, kind)
-    assert len(ds) == BATCH * N_BATCHES
-    batches = [b for _, (_, b) in zip(range(N_BATCHES), rank_batches(ds, collate, cfg.data, 1, 0))]
+    rows = open_rows(cfg.data, kind)
+    assert rows.samples() == BATCH * N_BATCHES
+    batches = [b for _, b in zip(range(N_BATCHES), rank_batches(rows, collate, cfg.data.batch_size, 1, 0))]
     lora = LoraConfig(r=R, lora_alpha=8, target_modules=sorted(ours.ranks), eva_config=EvaConfig(rho=RHO, tau=TAU))
     torch.manual_seed(0)
     ref = strip_peft_prefix(get_eva_state_dict(

@@ -134,17 +134,17 @@ def test_empty_dataset(tmp_path):
 def test_empty_data_files_are_named_or_skipped(tmp_path):
     """An empty file alone is a clear error (datasets fails with no message); beside real data it is skipped."""
     from evapipe.config import DataConfig
-    from evapipe.data import load_rows
+    from evapipe.data import load_task_data
 
     for name in ("empty.jsonl", "empty.csv", "empty.txt"):
         (tmp_path / name).write_text("")
         with pytest.raises(DataError, match=f"is empty: .*{name} has no content"):
-            load_rows(DataConfig(path=str(tmp_path / name)))
+            load_task_data(DataConfig(path=str(tmp_path / name)))
     folder = tmp_path / "parts"
     folder.mkdir()
     (folder / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
     (folder / "b.jsonl").write_text("")
-    assert load_rows(DataConfig(path=str(folder)))["text"] == ["one", "two"]
+    assert load_task_data(DataConfig(path=str(folder)))[0]["text"] == ["one", "two"]
 
 
 def test_target_that_matches_nothing_names_the_closest_layers():

@@ -16,7 +16,7 @@ from evapipe import load_config, load_state, run_job
 from evapipe.capture import Capture
 from evapipe.cli import main as cli
 from evapipe.config import DataConfig, ModelConfig
-from evapipe.data import load_rows, make_collator, rank_batches
+from evapipe.data import load_task_data, make_collator, open_rows, rank_batches
 from evapipe.models import load_model, load_processor
 
 N_ROWS, BATCH = 32, 8
@@ -104,9 +104,9 @@ def test_kind_compute_apply_train(name, tmp_path, tiny_model_dir, monkeypatch):
 
     # the masking: replay the batches the job read, in its order
     model, kind = load_model(cfg.model, torch.device("cpu"))
-    ds = load_rows(cfg.data, kind)
+    rows = open_rows(cfg.data, kind)
     collate = make_collator(load_processor(cfg.model, kind), cfg.data, kind)
-    batches = [b for _, b in zip(range(n_steps), (b for _, b in rank_batches(ds, collate, cfg.data, 1, 0)))]
+    batches = [b for _, b in zip(range(n_steps), rank_batches(rows, collate, cfg.data.batch_size, 1, 0))]
     for captured, batch in zip(steps, batches):
         assert captured
         for layer, rows in captured.items():
@@ -136,7 +136,7 @@ def test_kind_compute_apply_train(name, tmp_path, tiny_model_dir, monkeypatch):
 def test_chat_labels_are_the_assistant_content(tmp_path, tiny_model_dir):
     cfg = job_config("chat", tmp_path, tiny_model_dir)
     tok = load_processor(cfg.model, "causal-lm")
-    ds = load_rows(cfg.data, "causal-lm")
+    ds, _ = load_task_data(cfg.data, "causal-lm")
     rows = ds.select(range(BATCH)).to_list()
     batch = make_collator(tok, cfg.data, "causal-lm")(rows)
     for i, row in enumerate(rows):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import replace
 
 import pytest
@@ -230,6 +231,11 @@ def test_apply_with_attention_lora_starts_at_the_base_trains_and_reloads(arch, t
             assert not wrapper.lora_B["default"].weight.any()
     with torch.no_grad():
         assert torch.equal(peft_model(input_ids=batches[0]["input_ids"]).logits, expected)
+    rs_modules = dict(apply_eva_state(copy.deepcopy(base), state, use_rslora=True).get_base_model().named_modules())
+    for i in range(2):
+        for j in range(2):  # rsLoRA: each parameter's scaling stays lora_alpha / sqrt(r), at its own r
+            assert rs_modules[f"model.layers.{i}.mlp.experts" + ".base_layer" * j].scaling["default"] == pytest.approx(
+                settings.lora_alpha / math.sqrt(settings.r))
     peft_model.save_pretrained(tmp_path / "adapter")
     assert trained_logits_move(peft_model, batches[0]) > 1e-4
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")

@@ -63,11 +63,13 @@ def one_line_error(args: list[str]) -> str:
 
 
 # -- 1. nothing selected ---------------------------------------------------------------------------------------------
-def test_all_tokens_masked_fails_after_one_pass_naming_cause_and_fix(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("streaming", [False, True])  # a stream knows its pass length once it has read one
+def test_all_tokens_masked_fails_after_one_pass_naming_cause_and_fix(streaming, tmp_path, tiny_llama_dir):
     rows = [{"prompt": "please tell me where my order is " * 4, "completion": f" it ships today {i}"}
             for i in range(10)]
     job = tiny_job(tiny_llama_dir, data={"path": jsonl(tmp_path / "p.jsonl", rows), "prompt_field": "prompt",
-                                         "completion_field": "completion", "max_length": 8, "max_samples": None},
+                                         "completion_field": "completion", "max_length": 8, "max_samples": None,
+                                         "streaming": streaming},
                    eva={"max_batches": 40, "on_unconverged": "warn"}, output={"path": str(tmp_path / "o.safetensors")})
     with pytest.raises(DataError) as err:  # before: an AttributeError at max_batches (an endless loop without it)
         run_job(config_from_dict(job), show_progress=False)
@@ -302,7 +304,7 @@ def test_task_names_cannot_climb_out_of_the_store(tmp_path, tiny_llama_dir, task
 
 # -- 9. the store key sees what the loader reads ---------------------------------------------------------------------
 def test_hidden_data_files_are_neither_read_nor_keyed(tmp_path, tiny_llama_dir):
-    from evapipe.data import load_rows
+    from evapipe.data import load_task_data
 
     folder = tmp_path / "data"
     folder.mkdir()
@@ -311,7 +313,7 @@ def test_hidden_data_files_are_neither_read_nor_keyed(tmp_path, tiny_llama_dir):
     jsonl(folder / ".ipynb_checkpoints" / "a-checkpoint.jsonl", [{"text": "stale"}])
     cfg = config_from_dict(tiny_job(tiny_llama_dir, data={"path": str(folder), "max_samples": None},
                                     output={"path": "o.safetensors"}))
-    assert load_rows(cfg.data)["text"] == ["one", "two"]
+    assert load_task_data(cfg.data)[0]["text"] == ["one", "two"]
     key = job_key(cfg)
     jsonl(folder / ".ipynb_checkpoints" / "a-checkpoint.jsonl", [{"text": "changed"}])
     assert job_key(cfg) == key
