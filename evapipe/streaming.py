@@ -71,13 +71,14 @@ class StreamRows:
         """Pass `epoch` (reshuffled per pass, as a table is), rows whose used columns hold a value."""
         self.ds.set_epoch(epoch)
         kept = skipped = 0
-        for row in self.ds:
-            if any(row.get(c) is None for c in self.columns):
-                skipped += 1
-                self.skipped = max(self.skipped, skipped)
-                continue
-            kept += 1
-            yield row
+        with reading(self.cfg):  # a bad line deep in a corpus fails here, mid-job: one DataError naming the data
+            for row in self.ds:
+                if any(row.get(c) is None for c in self.columns):
+                    skipped += 1
+                    self.skipped = max(self.skipped, skipped)
+                    continue
+                kept += 1
+                yield row
         if self._pass_rows is None:
             if kept == 0 and skipped:
                 raise DataError(f"every row of `{self.where}` has a null {' or '.join(self.columns)}: there is no "

@@ -5,6 +5,7 @@ fingerprints the data in bounded memory, and fails clearly on bad data."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 
@@ -130,6 +131,17 @@ def test_bad_streams_fail_clearly(tmp_path, rows, message):
     with pytest.raises(DataError, match=message):
         rows = open_rows(DataConfig(path=str(jsonl(tmp_path / "d.jsonl", rows)), streaming=True))
         next(rows.steps(2, 1, 0))
+
+
+def test_a_bad_line_deep_in_the_stream_is_a_data_error(tmp_path):
+    path = tmp_path / "corpus"
+    path.mkdir()
+    jsonl(path / "a.jsonl", [{"text": f"row {i}"} for i in range(30)])
+    (path / "b.jsonl").write_text('{"text": "cut off\n')
+    steps = open_rows(DataConfig(path=str(path), streaming=True, shuffle=False)).steps(4, 1, 0)
+    assert [len(next(steps)) for _ in range(7)] == [4] * 7  # the good rows come first
+    with pytest.raises(DataError, match=f"cannot read data from `{path}`"):
+        list(itertools.islice(steps, 3))
 
 
 def test_an_unreachable_hub_dataset_is_a_data_error():
