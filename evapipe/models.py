@@ -94,11 +94,12 @@ def _quantization(cfg: ModelConfig, dtype: torch.dtype, kind: str) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
-def _resolve(cfg: ModelConfig, num_labels: int | None) -> tuple[str, Any, str, Any]:
-    """(local path or hub id, transformers config, kind, model class) for `cfg`; `num_labels` sizes a new head."""
+def _resolve(cfg: ModelConfig, num_labels: int | None, path: str | None = None) -> tuple[str, Any, str, Any]:
+    """(local path or hub id, transformers config, kind, model class) for `cfg`; `num_labels` sizes a new head;
+    `path` is where the model already lies, when the caller fetched it."""
     from transformers import AutoConfig
 
-    path = resolve_model_path(cfg.name_or_path)
+    path = path or resolve_model_path(cfg.name_or_path)
     kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     try:
         hf_config = AutoConfig.from_pretrained(path, **kw)
@@ -156,20 +157,13 @@ def model_skeleton(cfg: ModelConfig, num_labels: int | None = None) -> tuple[nn.
 def load_blocks(cfg: ModelConfig, device: torch.device) -> tuple[Any, str]:
     """The model for model.offload: sequential -- built without weights, what runs before its first block loaded
     on `device`, its blocks left in the checkpoint (onload.BlockModel) -- and its kind."""
-    from transformers import AutoConfig
-
     from .memory import check_budget
     from .onload import BlockModel, empty_model, refuse_unsupported
 
-    folder = local_checkpoint(cfg)
-    try:
-        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
-    except OSError as err:
-        raise ConfigError(f"cannot load model config from `{cfg.name_or_path}`: {err}") from None
+    folder, hf_config, kind, cls = _resolve(cfg, None, local_checkpoint(cfg))
     refuse_unsupported(hf_config)
-    kind = model_kind(hf_config, cfg.kind)
     dtype = getattr(torch, cfg.dtype)
-    model = empty_model(model_class(hf_config, kind), hf_config, dtype)
+    model = empty_model(cls, hf_config, dtype)
     if cfg.max_memory is not None:
         check_budget(cfg.max_memory, model)
     return BlockModel(model, folder, device, dtype), kind
