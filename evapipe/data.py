@@ -5,7 +5,8 @@ One collator per kind of input: TextCollator (plain text, prompt + completion, c
 
 Step k of the global stream is what one process with batch_size x world_size would see at step k; rank r takes
 the r-th slice of it. So N processes x batch B give the same union of samples per step as 1 process x batch N*B,
-including the last, uneven step of each pass over the data.
+including the last, uneven step of each pass over the data. Rows come as a table read by index (TableRows, here) or
+a stream read in order (streaming.StreamRows, data.streaming); both are TaskRows and give the same steps.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -60,7 +61,7 @@ class StreamRows:
         return self._pass_rows
 
     def pass_steps(self, global_batch: int) -> int | None:
-        return None if self._pass_rows is None else -(-self._pass_rows // global_batch)
+        return None if self._pass_rows is None else math.ceil(self._pass_rows / global_batch)
 
     def fingerprint(self) -> str:
         """The data's source (see open_stream), its split, the columns read and the sample cap: asked for on rank 0
