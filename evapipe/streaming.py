@@ -53,7 +53,7 @@ class StreamRows:
 
     def __init__(self, ds: Any, cfg: DataConfig, columns: list[str], source: Callable[[], Any]):
         self.ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer) if cfg.shuffle else ds
-        self.columns, self.where, self.cfg, self._source = columns, cfg.path, cfg, source
+        self.columns, self.cfg, self._source = columns, cfg, source
         self.skipped = 0
         self._pass_rows: int | None = None
 
@@ -82,11 +82,11 @@ class StreamRows:
                 yield row
         if self._pass_rows is None:
             if kept == 0 and skipped:
-                raise DataError(f"every row of `{self.where}` has a null {' or '.join(self.columns)}: there is no "
+                raise DataError(f"every row of `{self.cfg.path}` has a null {' or '.join(self.columns)}: there is no "
                                 "text to read")
             if skipped:
                 log.warning("skipped %d of %d streamed rows of %s whose %s is null", skipped, kept + skipped,
-                            self.where, " or ".join(self.columns))
+                            self.cfg.path, " or ".join(self.columns))
             self._pass_rows = kept
 
     def steps(self, batch_size: int, world: int, rank: int, start_step: int = 0) -> Iterator[list[dict[str, Any]]]:
