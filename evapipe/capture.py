@@ -10,7 +10,7 @@ Three costs PEFT pays that this module avoids:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -161,6 +161,10 @@ class Capture:
     def plan(self, plan: planning.StepPlan) -> None:
         """Capture what the next step needs; stop the pass after the deepest needed layer (in execution order)."""
         self.stop_at, self.active = planning.capture_depth(self.order, plan)
+
+    def only(self, names: Iterable[str]) -> None:
+        """Capture these layers in the next passes and never stop a pass early."""
+        self.stop_at, self.active = None, set(names)
 
     def remove(self) -> None:
         for h in self._handles:

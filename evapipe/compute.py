@@ -46,14 +46,15 @@ def compute_eva_state(
 
     from .config import EvaSettings
     from .engine import EvaRun
-    from .forward import cycle_batches
+    from .forward import UserHooks, cycle_batches
     from .models import model_info
 
     settings = dataclasses.replace(settings or EvaSettings(), **overrides)
     training = model.training
     model.eval()
     try:
-        run = EvaRun(model, settings, comm, forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn)
+        hooks = UserHooks(forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn)
+        run = EvaRun(model, settings, comm, hooks)
         with torch.no_grad():
             run.run(cycle_batches(dataloader), show_progress=show_progress, pass_steps=_length(dataloader))
         extra = {"model": model_info(model), "dataset": {"id": None, "split": None, "fingerprint": None}}

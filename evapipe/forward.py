@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +25,38 @@ from .planning import Layout, StepPlan
 from .streams import LayerStreams, stream_masks
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+@dataclass(frozen=True)
+class UserHooks:
+    """The user's three hooks, PEFT's semantics: how the model is called on a batch (`forward_fn(model, batch)`),
+    what layer hooks receive as the model input (`prepare_model_inputs_fn(batch, peft_config)`), and how a layer's
+    input becomes rows (`prepare_layer_inputs_fn(layer_input, model_input, layer_name)`, or one per layer name)."""
+
+    forward_fn: ForwardFn | None = None
+    prepare_model_inputs_fn: Callable | None = None
+    prepare_layer_inputs_fn: Callable | Mapping[str, Callable] | None = None
+
+    @property
+    def forward(self) -> ForwardFn:
+        return self.forward_fn or default_forward
+
+    @property
+    def layer_fn(self) -> Callable | Mapping[str, Callable] | None:
+        """The layer-input function; with only a custom prepare_model_inputs_fn, PEFT's default one."""
+        if self.prepare_layer_inputs_fn is None and self.prepare_model_inputs_fn is not None:
+            return peft_layer_input
+        return self.prepare_layer_inputs_fn
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a batch's hooks work with: the model input a layer function receives, the selector of the rows that
+    count, and the one experts use."""
+
+    model_input: Any
+    selector: TokenSelector | None
+    expert_selector: TokenSelector | None
 
 
 def default_forward(model: nn.Module, inputs: Any) -> Any:
@@ -84,49 +117,42 @@ def cycle_batches(dataloader: Iterable) -> Iterator[Any]:
 class ModelTokens:
     """Forward passes of `model` that return the counted input rows of the target layers the plan needs."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        names: Sequence[str],
-        settings: EvaSettings,
-        device: torch.device,
-        forward_fn: ForwardFn | None = None,
-        prepare_model_inputs_fn: Callable | None = None,
-        prepare_layer_inputs_fn: Callable | Mapping[str, Callable] | None = None,
-        experts: ExpertHooks | None = None,
-    ):
+    def __init__(self, model: nn.Module, names: Sequence[str], settings: EvaSettings, device: torch.device,
+                 hooks: UserHooks | None = None, experts: ExpertHooks | None = None):
         self.model, self.names, self.settings, self.device = model, list(names), settings, device
         self.experts = experts or ExpertHooks([])
-        self.forward_fn = forward_fn or default_forward
-        self.prepare_model_inputs_fn = prepare_model_inputs_fn
-        layer_fn = prepare_layer_inputs_fn
-        if layer_fn is None and prepare_model_inputs_fn is not None:
-            layer_fn = peft_layer_input
-        self.capture = Capture(model, self.names, layer_fn, self.experts.spec())
+        self.hooks = hooks or UserHooks()
+        self.capture = Capture(model, self.names, self.hooks.layer_fn, self.experts.spec())
         self.streams = LayerStreams(model, self.names)
         self.forward_s = 0.0
 
     def forward(self, batch: Any, first: bool = False) -> dict[str, torch.Tensor]:
-        """One pass over `batch` (None: nothing this step); the first pass also records the layout."""
+        """One pass of the whole model over `batch` (None: nothing this step); the first pass also records the
+        layout."""
         if batch is None:
             return {}
         batch = to_device(batch, self.device)
-        model_input, selector = self.selection(batch)
-        # PEFT's layer hooks know no experts: experts count the batch's masked tokens
-        expert_selector = selector if self.prepare_model_inputs_fn is None else self.token_selector(batch)
+        return self.capture_pass(lambda: self.hooks.forward(self.model, batch), self.selection(batch), first)
+
+    def capture_pass(self, run: Callable[[], Any], selection: Selection, first: bool = False) -> dict[str, torch.Tensor]:
+        """The one way any pass is run, through the whole model or some of its blocks: `run` under the hooks, with
+        `selection`'s rows counted; {layer: counted rows} of the layers this pass captures."""
         t0 = time.perf_counter()
         with self.streams.watching():
-            self.capture.select(selector, model_input, expert_selector)
-            tokens = self.capture.run(lambda: self.forward_fn(self.model, batch), first)
+            self.capture.select(selection.selector, selection.model_input, selection.expert_selector)
+            tokens = self.capture.run(run, first)
         self.forward_s += time.perf_counter() - t0
         return tokens
 
-    def selection(self, batch: Any) -> tuple[Any, TokenSelector | None]:
-        """What the hooks work with for a batch (on the device): the model input a layer function receives, and
-        the selector of the rows that count (None with a custom prepare_model_inputs_fn: PEFT's semantics)."""
-        if self.prepare_model_inputs_fn is not None:
-            return self.prepare_model_inputs_fn(batch, settings_namespace(self.settings)), None
-        return batch, self.token_selector(batch)
+    def selection(self, batch: Any) -> Selection:
+        """What the hooks work with for a batch (on the device). With a custom prepare_model_inputs_fn (PEFT's
+        semantics) layers get its output and every row; experts, which PEFT's layer hooks do not know, count the
+        batch's masked tokens."""
+        fn = self.hooks.prepare_model_inputs_fn
+        selector = self.token_selector(batch)
+        if fn is not None:
+            return Selection(fn(batch, settings_namespace(self.settings)), None, selector)
+        return Selection(batch, selector, selector)
 
     def token_selector(self, batch: Any) -> TokenSelector | None:
         """The selector of a batch's counted tokens (attention mask, and labels with eva.use_label_mask)."""
@@ -136,13 +162,25 @@ class ModelTokens:
 
     def layout(self) -> Layout:
         """Shared-input groups and execution order, from the first pass (`forward(batch, first=True)`)."""
-        raw = self.capture.raw
-        if not raw:
+        groups, order = self.seen(self.names)
+        if not groups:
             raise ConfigError(
                 "the first batch reached none of the target layers (the forward pass does not use them); "
                 "check eva.target_modules and hooks.forward_fn"
             )
-        return Layout.of(shared_input_groups(raw, self.names, alone=set(self.experts.keys)), self.capture.order)
+        return Layout.of(groups, order)
+
+    def seen(self, names: Sequence[str]) -> tuple[list[list[str]], list[str]]:
+        """The shared-input groups among `names` and the execution order the last first pass recorded (a layout,
+        or the part of one that a pass through some blocks saw)."""
+        raw = self.capture.raw
+        if not raw:
+            return [], []
+        return shared_input_groups(raw, names, alone=set(self.experts.keys)), list(self.capture.order)
+
+    def capture_only(self, names: Iterable[str]) -> None:
+        """The next passes keep these layers' inputs and run to their end (no layer stops them)."""
+        self.capture.only(names)
 
     def follow(self, layout: Layout) -> None:
         """Use the agreed layout (rank 0's) for planning passes; every target must have had an input."""

@@ -202,20 +202,20 @@ class _Loaded:
 def _load(cfg: JobConfig, comm: Comm, device: torch.device) -> _Loaded:
     from .data import make_collator, open_rows
     from .engine import EvaRun
+    from .forward import UserHooks
     from .models import load_blocks, load_model, load_processor
     from .sequential import SequentialRun
 
-    hooks = cfg.hooks
-    forward_fn = import_callable(hooks.forward_fn, "hooks.forward_fn")
-    model_fn = import_callable(hooks.prepare_model_inputs_fn, "hooks.prepare_model_inputs_fn")
-    layer_fn = import_callable(hooks.prepare_layer_inputs_fn, "hooks.prepare_layer_inputs_fn")
+    hooks = UserHooks(import_callable(cfg.hooks.forward_fn, "hooks.forward_fn"),
+                      import_callable(cfg.hooks.prepare_model_inputs_fn, "hooks.prepare_model_inputs_fn"),
+                      import_callable(cfg.hooks.prepare_layer_inputs_fn, "hooks.prepare_layer_inputs_fn"))
     log.info("loading %s on %s (world size %d)", cfg.model.name_or_path, device, comm.world)
     if cfg.model.offload == "sequential":
         blocks, kind = load_blocks(cfg.model, device)
-        run = SequentialRun(blocks, cfg.eva, comm, forward_fn, model_fn, layer_fn, cfg.model.sequential_round)
+        run = SequentialRun(blocks, cfg.eva, comm, hooks, cfg.model.sequential_round)
     else:
         model, kind = load_model(cfg.model, device)
-        run = EvaRun(model, cfg.eva, comm, forward_fn, model_fn, layer_fn)
+        run = EvaRun(model, cfg.eva, comm, hooks)
     processor = load_processor(cfg.model, kind)
     rows = open_rows(cfg.data, kind)
     # once, before the work, in bounded memory: a failure here costs nothing computed yet

@@ -27,22 +27,18 @@ the blocks (rank 0, as in memory), before the first round, so that PCA owners ar
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 
-from .agreement import Agreement
-from .capture import shared_input_groups
 from .config import EvaSettings
 from .distributed import Comm, collectively
-from .engine import EvaRun, PassSteps
-from .errors import ConfigError, DataError
-from .forward import to_device
+from .driver import Driver, Read
+from .errors import ConfigError
+from .forward import Selection, UserHooks, to_device
 from .guards import check_layer_inputs
 from .onload import BlockInputs, BlockModel
 from .planning import Layout, next_step
@@ -78,8 +74,7 @@ class _InFlight:
     """One batch of a round between blocks: its next block call (on the host) and how its tokens are selected."""
 
     call: BlockInputs | None
-    selector: Any
-    model_input: Any
+    selection: Selection | None
 
 
 def first_rows(batch: Any) -> Any:
@@ -95,23 +90,15 @@ def first_rows(batch: Any) -> Any:
     return {k: v[:1] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v for k, v in batch.items()}
 
 
-class SequentialRun(EvaRun):
-    """EvaRun over a BlockModel: the same PCA pool, agreements, decisions and checkpoints, driven round by round."""
+class SequentialRun(Driver):
+    """The driver over a BlockModel: the shared PCA pool, agreement, decisions and checkpoints, taken round by
+    round (a round: every batch through one block before the next)."""
 
-    def __init__(
-        self,
-        blocks: BlockModel,
-        settings: EvaSettings,
-        comm: Comm | None = None,
-        forward_fn: Callable | None = None,
-        prepare_model_inputs_fn: Callable | None = None,
-        prepare_layer_inputs_fn: Callable | None = None,
-        round_size: int = 8,
-    ):
-        super().__init__(blocks.model, settings, comm, forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn)
-        self.blocks, self.round_size = blocks, round_size
+    def __init__(self, blocks: BlockModel, settings: EvaSettings, comm: Comm | None = None,
+                 hooks: UserHooks | None = None, round_size: int = 8):
         # the model holds no weights between passes, so its parameters cannot say where PCAs and batches belong
-        self.pool.device = self.source.device = blocks.device
+        super().__init__(blocks.model, settings, blocks.device, comm, hooks)
+        self.blocks, self.round_size = blocks, round_size
         prefix = f"{blocks.blocks_name}."
         outside = [n for n in self.names if not n.startswith(prefix)]
         if outside:
@@ -122,52 +109,47 @@ class SequentialRun(EvaRun):
             )
         self.block_of = {n: int(n[len(prefix):].split(".")[0]) for n in self.names}
 
+    @property
+    def window(self) -> int:
+        return self.round_size
+
     # -- the parts of a round --------------------------------------------------------------------------------
     def _enter(self, batch: Any) -> _InFlight:
         """Run a batch up to the first block; its call waits on the host."""
         if batch is None:
-            return _InFlight(None, None, None)
+            return _InFlight(None, None)
         src = self.source
         batch = to_device(batch, self.blocks.device)
-        model_input, selector = src.selection(batch)
-        t0 = time.perf_counter()
-        call = self.blocks.block_inputs(lambda: src.forward_fn(src.model, batch))
-        src.forward_s += time.perf_counter() - t0
-        return _InFlight(call.to(HOST), selector, model_input)
+        selection = src.selection(batch)
+        calls: list[BlockInputs] = []
+        src.capture_pass(lambda: calls.append(self.blocks.block_inputs(lambda: src.hooks.forward(src.model, batch))),
+                         selection)
+        return _InFlight(calls[0].to(HOST), selection)
 
     def _through(self, block: torch.nn.Module, item: _InFlight, first: bool = False) -> dict[str, torch.Tensor]:
         """One batch through one block: its active layers' tokens; the batch moves on to the next block."""
         if item.call is None:
             return {}
-        src, out = self.source, []
+        out = []
         call = item.call.to(self.blocks.device)
-        t0 = time.perf_counter()
-        with src.streams.watching():
-            src.capture.select(item.selector, item.model_input)
-            tokens = src.capture.run(lambda: out.append(self.blocks.call(block, call)), first)
-        src.forward_s += time.perf_counter() - t0
-        check_layer_inputs(tokens, self.width, self.progress.step)
+        tokens = self.source.capture_pass(lambda: out.append(self.blocks.call(block, call)), item.selection, first)
+        check_layer_inputs(tokens, self.core.width, self.progress.step)
         item.call = BlockInputs(out[0].to(HOST), item.call.args, item.call.kwargs) if out else None
         return tokens
-
-    def _capture_only(self, names: Iterable[str]) -> None:
-        """The next passes keep these layers' inputs and run whole blocks (a block's output feeds the next)."""
-        capture = self.source.capture
-        capture.active, capture.stop_at = set(names), None
 
     def _layout(self, item: _InFlight) -> Layout:
         """Shared-input groups and execution order from the first batch, pushed through the blocks one by one."""
         groups: list[list[str]] = []
         order: list[str] = []
-        capture = self.source.capture
         for i in range(max(self.block_of.values()) + 1):
             names = [n for n in self.names if self.block_of[n] == i]
-            self._capture_only(names)
+            self.source.capture_only(names)
             with self.blocks.onloaded(i) as block:
                 self._through(block, item, first=bool(names))
-            if names and capture.raw:
-                groups += shared_input_groups(capture.raw, names)
-                order += capture.order
+            if names:
+                seen = self.source.seen(names)
+                groups += seen[0]
+                order += seen[1]
         if not groups:
             raise ConfigError("the first batch reached none of the target layers; check eva.target_modules")
         return Layout.of(groups, order)
@@ -178,18 +160,17 @@ class SequentialRun(EvaRun):
         for o in owners:
             rows[o].append(int(tokens[o].shape[0]) if o in tokens else 0)
         pool = self.pool
-        routed = pool.route(tokens, owners)
+        routed = pool.route(tokens, list(owners))
         with collectively(self.comm):  # a failed update or copy (a full temporary folder) stops every rank
             pool.update(routed)
-            for o in owners:
-                if o in pool.states:
-                    copies.keep(o, pool.states[o])
+            for o, state in self.core.states(list(owners)).items():
+                copies.keep(o, state)
 
-    def _round(self, batches: list[tuple[Any, BaseException | None]], after_step: Callable[[], bool]) -> int:
-        """One round over `batches` (this rank's shares); returns how many steps it took (a prefix of them)."""
+    def _start(self, batches: list[Read]) -> list[_InFlight]:
+        """Every batch of the round up to the first block; on the first round, rank 0's layout adopted."""
         error = next((e for _, e in batches if e is not None), None)
         items: list[_InFlight] = []
-        layout, layout_item, first = None, None, self.progress.layout is None
+        layout, layout_item, first = None, None, self.core.first
         with collectively(self.comm, error):
             if error is None:
                 with self.blocks.head():
@@ -198,7 +179,12 @@ class SequentialRun(EvaRun):
                 if layout_item is not None:  # rank 0's layout for every rank, as in memory
                     layout = self._layout(layout_item)
         if first:
-            self._adopt(self.comm.broadcast(layout))
+            self.adopt(self.core.agreed_layout(layout))
+        return items
+
+    def take(self, items: list[Read], after_step: Callable[[], bool]) -> int:
+        """One round over `items` (this rank's shares); returns how many steps it took (a prefix of them)."""
+        flights = self._start(items)
         owners = self.progress.layout.owners
         needed = next_step(self.progress.verdict).needed  # every PCA at the first step
         fed = [o for o in owners if o in needed]
@@ -207,82 +193,33 @@ class SequentialRun(EvaRun):
         with RoundCopies() as copies:
             for i in range(deepest + 1):
                 here = [o for o in fed if self.block_of[o] == i]
-                self._capture_only(here)
+                self.source.capture_only(here)
                 with self.blocks.onloaded(i) as block:
-                    for item in items:
+                    for item in flights:
                         tokens = {}
                         with collectively(self.comm):
                             tokens = self._through(block, item)
                         if here:
                             self._feed(here, tokens, rows, copies)
-            taken = self._replay(owners, fed, rows, copies, len(items), after_step)
-        early = taken < len(items) and not self.done and self.progress.step != self.settings.max_batches
+            taken = self._replay(owners, fed, rows, copies, len(flights), after_step)
+        early = taken < len(flights) and not self.done and self.progress.step != self.settings.max_batches
         log.info("sequential round at step %d: %d batch(es) through blocks 0-%d, %d step(s) taken%s", start,
-                 len(items), deepest, taken, " (a layer that had stopped is needed again: the next round starts there)"
-                 if early else "")
+                 len(flights), deepest, taken, " (a layer that had stopped is needed again: the next round starts "
+                 "there)" if early else "")
         return taken
 
     def _replay(self, owners: list[str], fed: list[str], rows: dict[str, list[int]],
                 copies: RoundCopies, n: int, after_step: Callable[[], bool]) -> int:
         """The in-memory loop's decisions over the round's batches; each PCA set back to its copy after the last
         batch it would have been fed."""
-        ledger, p, width = RoundLedger(set(fed), owners), self.progress, max(self.caps.values())
-        taken = 0
+        ledger, core = RoundLedger(set(fed), owners), self.core
         for j in range(n):
-            needed = set(fed) if j == 0 else set(next_step(p.verdict).needed)
+            needed = set(fed) if j == 0 else set(next_step(core.progress.verdict).needed)
             if not ledger.admit(needed):
-                break
-            for o in needed & set(self.pool.states):
-                self.pool.states[o] = copies.get(o, j, self.pool.device)
+                return j
+            core.set_back({o: copies.get(o, j, self.blocks.device) for o in core.states(sorted(needed))})
             first_fed = next((o for o in owners if o in needed), None)
-            n_local = rows[first_fed][j] if first_fed is not None else 0
-            self.tokens_read += n_local
-            share = partial(self._local_agreement, n_local, owners, width)
-            with collectively(self.comm, values=share) as shared:
-                pass
-            self._decide(Agreement.unpack(shared.values, owners, width, self.caps))
-            p.step += 1
-            taken += 1
+            core.agree(rows[first_fed][j] if first_fed is not None else 0)
             if after_step():
-                break
-        return taken
-
-    # -- driving ---------------------------------------------------------------------------------------------
-    def run(self, batches: Iterable[Any], show_progress: bool = True,
-            on_step: Callable[[EvaRun], None] | None = None, pass_steps: PassSteps = None) -> None:
-        """Rounds until every PCA is done or eva.max_batches; `batches` yields this rank's share (None if empty).
-        `pass_steps`: as in EvaRun.run, a layer still without a token after one pass over the data is an error."""
-        from tqdm.auto import tqdm
-
-        pass_steps = self.agreed_pass_steps(pass_steps)
-        max_batches = self.settings.max_batches
-        bar = tqdm(total=max_batches, disable=not (show_progress and self.comm.is_main), desc="EVA", unit="batch",
-                   initial=self.progress.step)
-
-        def after_step() -> bool:
-            self._after_step(bar, pass_steps, on_step)
-            return self.done or (max_batches is not None and self.progress.step >= max_batches)
-
-        it = iter(batches)
-        waiting: list[tuple[Any, BaseException | None]] = []  # read, not yet taken by a round
-        try:
-            while max_batches is None or self.progress.step < max_batches:
-                size = self.round_size if max_batches is None else min(self.round_size, max_batches - self.progress.step)
-                while len(waiting) < size:
-                    try:
-                        waiting.append((next(it), None))
-                    except StopIteration:
-                        waiting.append((None, DataError(
-                            f"the batches ran out after {self.progress.step + len(waiting)} steps on rank "
-                            f"{self.comm.rank}")))
-                        break
-                    except Exception as err:  # a bad row on one rank: agreed on in the round
-                        waiting.append((None, err))
-                        break
-                taken = self._round(waiting[:size], after_step)
-                waiting = waiting[taken:]
-                if self.done:
-                    break
-        finally:
-            bar.close()
-            self.source.close()
+                return j + 1
+        return n
