@@ -74,13 +74,19 @@ def default_forward(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def to_device(inputs: Any, device: torch.device) -> Any:
+def to_device(inputs: Any, device: torch.device, memo: dict[int, torch.Tensor] | None = None) -> Any:
+    """`inputs` (tensors in mappings, lists, tuples) on `device`; with `memo`, a tensor met twice is moved once and
+    stays one shared object (a mask every block of a layer type receives)."""
     if isinstance(inputs, torch.Tensor):
-        return inputs.to(device, non_blocking=True)
+        if memo is None:
+            return inputs.to(device, non_blocking=True)
+        if id(inputs) not in memo:
+            memo[id(inputs)] = inputs.to(device, non_blocking=True)
+        return memo[id(inputs)]
     if isinstance(inputs, Mapping):
-        return {k: to_device(v, device) for k, v in inputs.items()}
+        return {k: to_device(v, device, memo) for k, v in inputs.items()}
     if isinstance(inputs, (list, tuple)):
-        return type(inputs)(to_device(v, device) for v in inputs)
+        return type(inputs)(to_device(v, device, memo) for v in inputs)
     return inputs
 
 

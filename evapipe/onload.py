@@ -8,8 +8,11 @@ host memory. This module holds the parts of that, independent of EVA:
 * `BlockModel`: the model built on the meta device (no weights; computed buffers such as rotary inverse frequencies
   are computed, not loaded) and its repeated block list; what lies outside the blocks (embeddings) is materialised
   while batches run up to the first block, and released while the blocks run;
-* `BlockModel.block_inputs`: the first block's call arguments for a batch (hidden states plus keyword arguments such
-  as the attention mask, position ids and rotary `position_embeddings`), taken by a hook that stops the forward;
+* `BlockModel.block_calls`: every block's own call arguments for a batch (the first block's hidden states, and each
+  block's other arguments: its layer type's attention mask and rotary `position_embeddings`, position ids ...),
+  recorded in one pass in which stand-ins that return their hidden-state input take the blocks' places, so no block
+  runs; models that vary those arguments per block (Gemma 3, gpt-oss, Cohere 2 layer types) or mix block classes
+  (Jamba's attention and state-space blocks) are fed as their own forward feeds them;
 * `BlockModel.onloaded(i)`: block i materialised from the checkpoint on the compute device, then released to meta.
 """
 
@@ -105,9 +108,9 @@ def _checkpoint_names(model: nn.Module, files: WeightFiles) -> dict[str, str]:
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's repeated block list (decoder layers, encoder layers, ViT layers): its name and the list.
 
-    Blocks are the `nn.ModuleList` children whose modules are all of one class transformers names in the
-    model's `_no_split_modules` (the unit it never splits across devices); without that attribute, the list of
-    one class holding the most parameters.
+    Blocks are the `nn.ModuleList` children whose modules are all of classes transformers names in the model's
+    `_no_split_modules` (the unit it never splits across devices; a hybrid stack mixes several); without that
+    attribute, the list of one class holding the most parameters.
     """
     no_split = set(getattr(model, "_no_split_modules", None) or [])
     found = []
@@ -115,7 +118,7 @@ def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         classes = {type(m).__name__ for m in module}
-        if len(classes) == 1 and (not no_split or classes <= no_split):
+        if classes <= no_split or (len(classes) == 1 and not no_split):
             found.append((sum(p.numel() for p in module.parameters()), name, module))
     if not found:
         what = f"a list of {' / '.join(sorted(no_split))} modules" if no_split else "an nn.ModuleList of one class"
@@ -138,12 +141,6 @@ def refuse_unsupported(config: Any) -> None:
         raise ConfigError(
             "model.offload: sequential does not support encoder-decoder models: the decoder's blocks need the "
             "encoder's final output, not the previous block's; use model.offload: device_map"
-        )
-    layer_types = set(getattr(config, "layer_types", None) or [])
-    if len(layer_types) > 1:
-        raise ConfigError(
-            f"model.offload: sequential needs every block called with the same arguments, and this model mixes "
-            f"layer types {sorted(layer_types)} (each gets its own attention mask); use model.offload: device_map"
         )
 
 
@@ -170,12 +167,12 @@ def trim_heap() -> None:
 
 
 class StopAtBlock(Exception):
-    """Raised by the first block's hook once its call arguments are taken."""
+    """Raised by the last block's stand-in once every block's call is recorded."""
 
 
 @dataclass
 class BlockInputs:
-    """One batch's call into the blocks: the hidden states (first argument) and the other arguments."""
+    """One batch's call into one block: the hidden states (first argument) and the other arguments."""
 
     hidden: torch.Tensor
     args: tuple
@@ -185,6 +182,41 @@ class BlockInputs:
         from .forward import to_device
 
         return BlockInputs(self.hidden.to(device), to_device(self.args, device), to_device(self.kwargs, device))
+
+
+@dataclass
+class BlockCalls:
+    """One batch's calls into every block: the hidden states the next block receives, and each block's other
+    arguments. What blocks share (one mask and rotary embedding per layer type) is one object, held once."""
+
+    hidden: torch.Tensor
+    calls: list[tuple[tuple, dict[str, Any]]]
+
+    def to(self, device: torch.device) -> BlockCalls:
+        from .forward import to_device
+
+        memo: dict[int, torch.Tensor] = {}
+        return BlockCalls(self.hidden.to(device), to_device(self.calls, device, memo))
+
+    def inputs(self, i: int, device: torch.device | None = None) -> BlockInputs:
+        """Block i's call, with the current hidden states (its other arguments moved to `device` if given)."""
+        args, kwargs = self.calls[i]
+        call = BlockInputs(self.hidden, args, kwargs)
+        return call if device is None else call.to(device)
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place for one pass: records the call and hands its hidden-state input on unchanged."""
+
+    def __init__(self, calls: list[BlockInputs], last: bool, as_tuple: bool):
+        super().__init__()
+        self.calls, self.last, self.as_tuple = calls, last, as_tuple
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(BlockInputs(hidden, args, kwargs))
+        if self.last:
+            raise StopAtBlock
+        return (hidden,) if self.as_tuple else hidden
 
 
 class BlockModel:
@@ -256,24 +288,46 @@ class BlockModel:
             self._release(block, keys)
             trim_heap()
 
-    def block_inputs(self, forward: Callable[[], Any]) -> BlockInputs:
-        """Run `forward` (the model's own forward on one batch) up to the first block; return that block's call."""
-        taken: list[BlockInputs] = []
+    def block_calls(self, forward: Callable[[], Any]) -> BlockCalls:
+        """Run `forward` (the model's own forward on one batch) with stand-ins for the blocks: every block's call.
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            taken.append(BlockInputs(args[0], tuple(args[1:]), dict(kwargs)))
-            raise StopAtBlock
+        A block returns its hidden states (transformers 5) or a tuple that starts with them; the stand-ins try both,
+        and a model that does more between blocks than hand one block's output to the next is refused.
+        """
+        calls: list[BlockInputs] = []
+        for as_tuple in (False, True):
+            try:
+                calls = self._record(forward, as_tuple)
+            except Exception:
+                if as_tuple:  # the model's own failure, not the stand-ins' return type
+                    raise
+                continue
+            chained = len(calls) == len(self.blocks) and all(b.hidden is a.hidden for a, b in zip(calls, calls[1:]))
+            if chained:
+                return BlockCalls(calls[0].hidden, [(c.args, c.kwargs) for c in calls])
+        raise ConfigError(
+            f"model.offload: sequential feeds each block the previous one's output, and {type(self.model).__name__} "
+            f"does not (its forward called {len(calls)} of {len(self.blocks)} blocks of {self.blocks_name}, or "
+            "changed the hidden states between them); use model.offload: device_map"
+        )
 
-        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def _record(self, forward: Callable[[], Any], as_tuple: bool) -> list[BlockInputs]:
+        calls: list[BlockInputs] = []
+        real = list(self.blocks)
+        for i in range(len(real)):
+            self.blocks[i] = _StandIn(calls, i == len(real) - 1, as_tuple)
         try:
             forward()
         except StopAtBlock:
             pass
         finally:
-            handle.remove()
-        if not taken:
-            raise ConfigError(f"the forward pass never reached {self.blocks_name}.0, the first block")
-        return taken[0]
+            for i, block in enumerate(real):
+                self.blocks[i] = block
+        return calls
+
+    def block_inputs(self, forward: Callable[[], Any]) -> BlockInputs:
+        """The first block's call for one batch (see block_calls)."""
+        return self.block_calls(forward).inputs(0)
 
     @staticmethod
     def call(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:

@@ -4,8 +4,9 @@ The in-memory loop is `for batch: for block:` with a decision after every batch 
 the loops are swapped within a *round* of `model.sequential_round` batches, so each block's weights are read from
 the checkpoint once per round:
 
-    head       every batch of the round runs up to the first block (embeddings, rotary, masks); the first
-               block's call arguments wait in host memory (onload.BlockModel.block_inputs)
+    head       every batch of the round runs up to the first block (embeddings, rotary, masks); every block's
+               own call arguments (its layer type's mask and rotary embedding, shared objects held once) wait in
+               host memory (onload.BlockModel.block_calls)
     blocks     for each block up to the deepest one an unconverged PCA sits in: materialise it, push every
                batch through it, feed the captured tokens of its unconverged PCAs to their owners (in batch
                order, as the in-memory loop does), keep a copy of each PCA after each batch, release the block
@@ -40,7 +41,7 @@ from .driver import Driver, Read
 from .errors import ConfigError
 from .forward import Selection, UserHooks, to_device
 from .guards import check_layer_inputs
-from .onload import BlockInputs, BlockModel
+from .onload import BlockCalls, BlockModel
 from .planning import Layout, next_step
 from .roundcopies import RoundCopies
 
@@ -73,7 +74,7 @@ class RoundLedger:
 class _InFlight:
     """One batch of a round between blocks: its next block call (on the host) and how its tokens are selected."""
 
-    call: BlockInputs | None
+    calls: BlockCalls | None
     selection: Selection | None
 
 
@@ -115,26 +116,30 @@ class SequentialRun(Driver):
 
     # -- the parts of a round --------------------------------------------------------------------------------
     def _enter(self, batch: Any) -> _InFlight:
-        """Run a batch up to the first block; its call waits on the host."""
+        """Run a batch up to the first block; every block's call waits on the host."""
         if batch is None:
             return _InFlight(None, None)
         src = self.source
         batch = to_device(batch, self.blocks.device)
         selection = src.selection(batch)
-        calls: list[BlockInputs] = []
-        src.capture_pass(lambda: calls.append(self.blocks.block_inputs(lambda: src.hooks.forward(src.model, batch))),
+        calls: list[BlockCalls] = []
+        src.capture_pass(lambda: calls.append(self.blocks.block_calls(lambda: src.hooks.forward(src.model, batch))),
                          selection)
         return _InFlight(calls[0].to(HOST), selection)
 
-    def _through(self, block: torch.nn.Module, item: _InFlight, first: bool = False) -> dict[str, torch.Tensor]:
-        """One batch through one block: its active layers' tokens; the batch moves on to the next block."""
-        if item.call is None:
+    def _through(self, i: int, block: torch.nn.Module, item: _InFlight, first: bool = False) -> dict[str, torch.Tensor]:
+        """One batch through block i, called as the model calls it: its active layers' tokens; the batch moves on
+        to the next block."""
+        if item.calls is None:
             return {}
         out = []
-        call = item.call.to(self.blocks.device)
+        call = item.calls.inputs(i, self.blocks.device)
         tokens = self.source.capture_pass(lambda: out.append(self.blocks.call(block, call)), item.selection, first)
         check_layer_inputs(tokens, self.core.width, self.progress.step)
-        item.call = BlockInputs(out[0].to(HOST), item.call.args, item.call.kwargs) if out else None
+        if out:
+            item.calls.hidden = out[0].to(HOST)
+        else:
+            item.calls = None
         return tokens
 
     def _layout(self, item: _InFlight) -> Layout:
@@ -145,7 +150,7 @@ class SequentialRun(Driver):
             names = [n for n in self.names if self.block_of[n] == i]
             self.source.capture_only(names)
             with self.blocks.onloaded(i) as block:
-                self._through(block, item, first=bool(names))
+                self._through(i, block, item, first=bool(names))
             if names:
                 seen = self.source.seen(names)
                 groups += seen[0]
@@ -198,7 +203,7 @@ class SequentialRun(Driver):
                     for item in flights:
                         tokens = {}
                         with collectively(self.comm):
-                            tokens = self._through(block, item)
+                            tokens = self._through(i, block, item)
                         if here:
                             self._feed(here, tokens, rows, copies)
             taken = self._replay(owners, fed, rows, copies, len(flights), after_step)
