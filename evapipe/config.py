@@ -306,8 +306,6 @@ def _validate(cfg: JobConfig) -> None:
          "is not supported with model.offload: sequential (blocks are read as stored); use offload: device_map"),
         (m.offload != "sequential" or not e.refine_converged, "eva.refine_converged",
          "is not supported with model.offload: sequential"),
-        (m.offload != "sequential" or not e.target_parameters, "eva.target_parameters",
-         "(mixture-of-experts parameters) is not supported with model.offload: sequential yet; use offload: device_map"),
         (not isinstance(m.device_map, str) or m.device_map in DEVICE_MAP_STRATEGIES, "model.device_map",
          f"{m.device_map!r} is not a map; choose one of {', '.join(DEVICE_MAP_STRATEGIES)} or give "
          "{module: device}"),

@@ -9,8 +9,9 @@ intermediate tensors and eager attention scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from .config import JobConfig
+from .config import EvaSettings, JobConfig
 from .errors import ConfigError
 from .memory import fmt_bytes, largest_unit, module_bytes
 
@@ -50,11 +51,9 @@ def estimate(cfg: JobConfig, world: int = 1) -> JobEstimate:
     import torch
     from transformers import AutoConfig
 
-    from .budget import layer_r
     from .models import model_class, model_kind
     from .onload import block_list, empty_model
     from .sources import resolve_model_path
-    from .targets import resolve_targets
 
     m, e, d = cfg.model, cfg.eva, cfg.data
     try:
@@ -75,24 +74,17 @@ def estimate(cfg: JobConfig, world: int = 1) -> JobEstimate:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     head_bytes = 0 if head is None or tied else module_bytes(head)
-    targets = resolve_targets(model, e.target_modules, e.exclude_modules)
-    r = layer_r([t.name for t in targets], e.r, e.rank_pattern)
-    pca = 0
-    spectrum = 0
-    for t in targets:
-        k = min(round(r[t.name] * e.rho), t.in_features)
-        track = min(t.in_features, k + (k if e.oversample is None else e.oversample))
-        pca += track * t.in_features * F32 + t.in_features * 8 + 8 + track * F32  # components, mean, var, singular values
-        spectrum += k * t.in_features * F32
+    targets = pca_targets(model, e)
+    pca, spectrum = pca_bytes(targets, e)
     pca_share = pca // world + (1 if pca % world else 0)
     tokens = d.batch_size * d.max_length
     hidden = int(getattr(hf, "hidden_size", 0) or 0)
     inter = int(getattr(hf, "intermediate_size", 0) or 4 * hidden)
     heads = int(getattr(hf, "num_attention_heads", 0) or 1)
     working = tokens * (4 * hidden + 3 * inter) * itemsize + d.batch_size * heads * d.max_length ** 2 * itemsize
-    captured_all = sum(tokens * t.in_features * F32 for t in targets)
+    captured_all = sum(round(tokens * t.share) * t.in_features * F32 for t in targets)
     per_block = max(
-        (sum(tokens * t.in_features * F32 for t in targets if t.name.startswith(f"{blocks_name}.{i}."))
+        (sum(round(tokens * t.share) * t.in_features * F32 for t in targets if t.name.startswith(f"{blocks_name}.{i}."))
          for i in range(len(blocks))) if blocks_name else [captured_all],
         default=0,
     )
@@ -104,6 +96,41 @@ def estimate(cfg: JobConfig, world: int = 1) -> JobEstimate:
         ModeEstimate("device_map", block[1], working + captured_all, pca_share, max(total - block[1], 0), spectrum),
     ]
     return JobEstimate(total, block, tokens, len(targets), world, modes)
+
+
+@dataclass(frozen=True)
+class PCATarget:
+    """One PCA the job may hold: a target layer, or one expert of a targeted fused parameter (fed its share of the
+    tokens: top_k / experts)."""
+
+    name: str
+    in_features: int
+    share: float = 1.0
+
+
+def pca_targets(model: Any, e: EvaSettings) -> list[PCATarget]:
+    """Every target layer and every expert of the targeted expert parameters (eva.target_parameters)."""
+    from .experts import resolve_expert_params
+    from .targets import resolve_targets
+
+    out = [PCATarget(t.name, t.in_features) for t in resolve_targets(model, e.target_modules, e.exclude_modules)]
+    for p in resolve_expert_params(model, e.target_parameters):
+        out += [PCATarget(k, p.in_features, p.share) for k in p.keys()]
+    return out
+
+
+def pca_bytes(targets: list[PCATarget], e: EvaSettings) -> tuple[int, int]:
+    """(the PCA state, the spectrum rank 0 keeps at the end) in bytes, every target with its own PCA."""
+    from .budget import layer_r
+
+    r = layer_r([t.name for t in targets], e.r, e.rank_pattern)
+    pca = spectrum = 0
+    for t in targets:
+        k = min(round(r[t.name] * e.rho), t.in_features)
+        track = min(t.in_features, k + (k if e.oversample is None else e.oversample))
+        pca += track * t.in_features * F32 + t.in_features * 8 + 8 + track * F32  # components, mean, var, singular values
+        spectrum += k * t.in_features * F32
+    return pca, spectrum
 
 
 def device_memory() -> tuple[str, int]:

@@ -10,8 +10,8 @@ host memory. This module holds the parts of that, independent of EVA:
   while batches run up to the first block, and released while the blocks run;
 * `BlockModel.block_calls`: every block's own call arguments for a batch (the first block's hidden states, and each
   block's other arguments: its layer type's attention mask and rotary `position_embeddings`, position ids ...),
-  recorded in one pass in which stand-ins that return their hidden-state input take the blocks' places, so no block
-  runs; models that vary those arguments per block (Gemma 3, gpt-oss, Cohere 2 layer types) or mix block classes
+  recorded in one pass in which stand-ins that return their hidden-state input replace the blocks' forwards, so no
+  block runs; models that vary those arguments per block (Gemma 3, gpt-oss, Cohere 2 layer types) or mix block classes
   (Jamba's attention and state-space blocks) are fed as their own forward feeds them;
 * `BlockModel.onloaded(i)`: block i materialised from the checkpoint on the compute device, then released to meta.
 """
@@ -60,48 +60,78 @@ class WeightFiles:
                 f"{SINGLE_FILE} nor {INDEX_FILE}{extra}"
             )
 
-    def read(self, names: Mapping[str, str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """{local name: tensor} for {local name: checkpoint name}; floats cast to dtype.
+    def read(self, names: Mapping[str, Source], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """{local name: tensor} for {local name: checkpoint key, or the tensors transformers builds it from}; floats
+        cast to dtype.
 
         On the CPU, a tensor stored in `dtype` is a view of the memory-mapped shard, not a copy: its memory is the
         file's pages it touches (an embedding lookup touches only the rows it reads), counted until the tensor is
-        released. On a GPU safetensors copies it to the device.
+        released. On a GPU safetensors copies it to the device. A converted tensor (fused experts) is a new one.
         """
-        from safetensors import safe_open
-
         out = {}
-        for local, key in names.items():
-            with safe_open(str(self.shard[key]), "pt", device=str(device)) as f:
-                t = f.get_tensor(key)
+        for local, source in names.items():
+            t = source.build(self, device) if isinstance(source, Converted) else self.tensor(source, device)
             out[local] = t.to(dtype) if t.is_floating_point() else t
         return out
 
+    def tensor(self, key: str, device: torch.device) -> torch.Tensor:
+        """One checkpoint tensor as stored."""
+        from safetensors import safe_open
 
-def _checkpoint_names(model: nn.Module, files: WeightFiles) -> dict[str, str]:
-    """Each parameter / persistent buffer of the model -> its checkpoint key.
+        with safe_open(str(self.shard[key]), "pt", device=str(device)) as f:
+            return f.get_tensor(key)
+
+
+@dataclass(frozen=True)
+class Converted:
+    """A model tensor transformers builds from several checkpoint tensors while loading (Mixtral's and Qwen-MoE's
+    per-expert matrices stacked into one fused experts parameter): its name, the converter, and its sources."""
+
+    target: str
+    converter: Any  # a transformers WeightConverter, copied for each build
+    sources: tuple[tuple[str, str], ...]  # (the converter's source pattern, checkpoint key), in checkpoint order
+
+    def build(self, files: WeightFiles, device: torch.device) -> torch.Tensor:
+        from copy import deepcopy
+
+        converter = deepcopy(self.converter)
+        for pattern, key in self.sources:
+            converter.add_tensor(self.target, key, pattern, files.tensor(key, device))
+        built = converter.convert(self.target)
+        value = built.get(self.target, next(iter(built.values())))
+        return value[0] if isinstance(value, list) else value
+
+
+Source = str | Converted
+
+
+def _checkpoint_names(model: nn.Module, files: WeightFiles) -> dict[str, Source]:
+    """Each parameter / persistent buffer of the model -> its checkpoint key (or the keys it is built from).
 
     transformers renames keys while loading (ViT's `attention.attention.query` is `attention.q_proj` in 5.x; a bare
-    model's checkpoint under a task model's base-model prefix, or the reverse), so its own renaming rules map the
-    checkpoint's keys. Keys it would merge or split (fused MoE experts) cannot be read one block at a time.
+    model's checkpoint under a task model's base-model prefix, or the reverse), and merges some (a MoE block's
+    per-expert matrices into fused experts parameters), so its own rules map the checkpoint's keys; a merge stays
+    inside one block, so a block is still read alone.
     """
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
     own = model.state_dict(keep_vars=True)
     prefix = getattr(model, "base_model_prefix", "") or None
-    out = {}
-    for key in files.shard:
-        name, converted = rename_source_key(key, renamings, converters, prefix, own)
-        if converted is not None:
-            raise ConfigError(
-                f"model.offload: sequential reads each block's tensors as stored, and {type(model).__name__}'s "
-                f"checkpoint key {key} needs transformers' weight conversion; use model.offload: device_map"
-            )
-        if name in own:
+    out: dict[str, Source] = {}
+    merged: dict[str, list[tuple[str, str]]] = {}
+    for key in sorted(files.shard, key=dot_natural_key):
+        name, pattern = rename_source_key(key, renamings, converters, prefix, own)
+        if name in own and pattern is not None:
+            merged.setdefault(name, []).append((pattern, key))
+        elif name in own:
             out[name] = key
+    for name, sources in merged.items():
+        out[name] = Converted(name, by_pattern[sources[0][0]], tuple(sources))
     return out
 
 
@@ -205,18 +235,16 @@ class BlockCalls:
         return call if device is None else call.to(device)
 
 
-class _StandIn(nn.Module):
-    """Takes a block's place for one pass: records the call and hands its hidden-state input on unchanged."""
+def _stand_in(calls: list[BlockInputs], last: bool, as_tuple: bool) -> Callable[..., Any]:
+    """A block's forward for one pass: records the call and hands its hidden-state input on unchanged."""
 
-    def __init__(self, calls: list[BlockInputs], last: bool, as_tuple: bool):
-        super().__init__()
-        self.calls, self.last, self.as_tuple = calls, last, as_tuple
-
-    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        self.calls.append(BlockInputs(hidden, args, kwargs))
-        if self.last:
+    def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(BlockInputs(hidden, args, kwargs))
+        if last:
             raise StopAtBlock
-        return (hidden,) if self.as_tuple else hidden
+        return (hidden,) if as_tuple else hidden
+
+    return forward
 
 
 class BlockModel:
@@ -271,7 +299,7 @@ class BlockModel:
         for name in names:
             set_module_tensor_to_device(module, name, "meta")
 
-    def block_keys(self, i: int) -> dict[str, str]:
+    def block_keys(self, i: int) -> dict[str, Source]:
         """Block i's tensors: {name inside the block: checkpoint key}."""
         prefix = f"{self.blocks_name}.{i}."
         return {n.removeprefix(prefix): k for n, k in self.names.items() if n.startswith(prefix)}
@@ -312,17 +340,17 @@ class BlockModel:
         )
 
     def _record(self, forward: Callable[[], Any], as_tuple: bool) -> list[BlockInputs]:
+        """One pass with every block's forward standing in (the modules stay: hooks a forward_fn adds find them)."""
         calls: list[BlockInputs] = []
-        real = list(self.blocks)
-        for i in range(len(real)):
-            self.blocks[i] = _StandIn(calls, i == len(real) - 1, as_tuple)
+        for i, block in enumerate(self.blocks):
+            block.forward = _stand_in(calls, i == len(self.blocks) - 1, as_tuple)
         try:
             forward()
         except StopAtBlock:
             pass
         finally:
-            for i, block in enumerate(real):
-                self.blocks[i] = block
+            for block in self.blocks:
+                del block.forward
         return calls
 
     def block_inputs(self, forward: Callable[[], Any]) -> BlockInputs:

@@ -78,6 +78,30 @@ class _InFlight:
     selection: Selection | None
 
 
+class RoundCounts:
+    """The tokens each batch of a round counted, as the in-memory step would count them: rows of the first fed
+    layer that is not an expert, else the tokens the experts modules saw (experts get only their routed share)."""
+
+    def __init__(self, fed: Sequence[str], n: int, experts: AbstractSet[str]):
+        self.rows: dict[str, list[int]] = {o: [] for o in fed}
+        self.expert_tokens = [0] * n
+        self.experts = experts
+
+    def add(self, owners: Sequence[str], tokens: Mapping[str, torch.Tensor], j: int, expert_tokens: int) -> None:
+        """Batch j's rows for `owners` (one block's fed PCAs); `expert_tokens`: what its experts modules counted."""
+        for o in owners:
+            self.rows[o].append(int(tokens[o].shape[0]) if o in tokens else 0)
+        if tokens and any(o in self.experts for o in owners):
+            self.expert_tokens[j] = expert_tokens
+
+    def local(self, j: int, needed: AbstractSet[str], owners: Sequence[str]) -> int:
+        """The tokens this rank counted at step j of the round, which fed `needed`."""
+        first = next((o for o in owners if o in needed and o not in self.experts), None)
+        if first is not None:
+            return self.rows[first][j]
+        return self.expert_tokens[j] if needed else 0
+
+
 def first_rows(batch: Any) -> Any:
     """The first sample of a batch (every tensor that shares the batch's leading size, sliced), for the layout
     pass: which layers share an input and the order they run in show on one sample as on all."""
@@ -159,11 +183,8 @@ class SequentialRun(Driver):
             raise ConfigError("the first batch reached none of the target layers; check eva.target_modules")
         return Layout.of(groups, order)
 
-    def _feed(self, owners: Sequence[str], tokens: dict[str, torch.Tensor], rows: dict[str, list[int]],
-              copies: RoundCopies) -> None:
+    def _feed(self, owners: Sequence[str], tokens: dict[str, torch.Tensor], copies: RoundCopies) -> None:
         """Route one batch's tokens of `owners` to their owner ranks, update, and keep a copy of each PCA."""
-        for o in owners:
-            rows[o].append(int(tokens[o].shape[0]) if o in tokens else 0)
         pool = self.pool
         routed = pool.route(tokens, list(owners))
         with collectively(self.comm):  # a failed update or copy (a full temporary folder) stops every rank
@@ -193,38 +214,38 @@ class SequentialRun(Driver):
         owners = self.progress.layout.owners
         needed = next_step(self.progress.verdict).needed  # every PCA at the first step
         fed = [o for o in owners if o in needed]
-        rows: dict[str, list[int]] = {o: [] for o in fed}
+        counts = RoundCounts(fed, len(flights), set(self.core.share))
         start, deepest = self.progress.step, max(self.block_of[o] for o in fed)
         with RoundCopies() as copies:
             for i in range(deepest + 1):
                 here = [o for o in fed if self.block_of[o] == i]
                 self.source.capture_only(here)
                 with self.blocks.onloaded(i) as block:
-                    for item in flights:
+                    for j, item in enumerate(flights):
                         tokens = {}
                         with collectively(self.comm):
                             tokens = self._through(i, block, item)
                         if here:
-                            self._feed(here, tokens, rows, copies)
-            taken = self._replay(owners, fed, rows, copies, len(flights), after_step)
+                            counts.add(here, tokens, j, self.core.experts.tokens)
+                            self._feed(here, tokens, copies)
+            taken = self._replay(owners, fed, counts, copies, after_step)
         early = taken < len(flights) and not self.done and self.progress.step != self.settings.max_batches
         log.info("sequential round at step %d: %d batch(es) through blocks 0-%d, %d step(s) taken%s", start,
                  len(flights), deepest, taken, " (a layer that had stopped is needed again: the next round starts "
                  "there)" if early else "")
         return taken
 
-    def _replay(self, owners: list[str], fed: list[str], rows: dict[str, list[int]],
-                copies: RoundCopies, n: int, after_step: Callable[[], bool]) -> int:
+    def _replay(self, owners: list[str], fed: list[str], counts: RoundCounts, copies: RoundCopies,
+                after_step: Callable[[], bool]) -> int:
         """The in-memory loop's decisions over the round's batches; each PCA set back to its copy after the last
         batch it would have been fed."""
-        ledger, core = RoundLedger(set(fed), owners), self.core
+        ledger, core, n = RoundLedger(set(fed), owners), self.core, len(counts.expert_tokens)
         for j in range(n):
             needed = set(fed) if j == 0 else set(next_step(core.progress.verdict).needed)
             if not ledger.admit(needed):
                 return j
             core.set_back({o: copies.get(o, j, self.blocks.device) for o in core.states(sorted(needed))})
-            first_fed = next((o for o in owners if o in needed), None)
-            core.agree(rows[first_fed][j] if first_fed is not None else 0)
+            core.agree(counts.local(j, needed, owners))
             if after_step():
                 return j + 1
         return n
