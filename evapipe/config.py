@@ -304,8 +304,6 @@ def _validate(cfg: JobConfig) -> None:
         (m.sequential_round >= 1, "model.sequential_round", f"must be >= 1, got {m.sequential_round}"),
         (m.offload != "sequential" or m.quantization is None, "model.quantization",
          "is not supported with model.offload: sequential (blocks are read as stored); use offload: device_map"),
-        (m.offload != "sequential" or not e.refine_converged, "eva.refine_converged",
-         "is not supported with model.offload: sequential"),
         (not isinstance(m.device_map, str) or m.device_map in DEVICE_MAP_STRATEGIES, "model.device_map",
          f"{m.device_map!r} is not a map; choose one of {', '.join(DEVICE_MAP_STRATEGIES)} or give "
          "{module: device}"),

@@ -169,6 +169,12 @@ def capture_depth(order: Sequence[str], plan: StepPlan) -> tuple[str | None, set
     return deepest[-1], set(plan.needed) | (reached & plan.refine)
 
 
+def fed_at(order: Sequence[str], verdict: Verdict, refine: bool = False) -> set[str]:
+    """The PCAs the in-memory loop feeds at the step after `verdict`: the undone ones and, when refining, the done
+    ones its pass reaches before the deepest undone one (what a driver that runs the step another way must match)."""
+    return capture_depth(order, next_step(verdict, refine))[1]
+
+
 def unconverged(layout: Layout, verdict: Verdict, ranks: Mapping[str, int]) -> list[str]:
     """The layers with a rank whose PCA is not done (what eva.on_unconverged acts on)."""
     return [n for n in layout.members(verdict.undone()) if ranks[n] > 0]

@@ -42,7 +42,7 @@ from .errors import ConfigError
 from .forward import Selection, UserHooks, to_device
 from .guards import check_layer_inputs
 from .onload import BlockCalls, BlockModel
-from .planning import Layout, next_step
+from .planning import Layout, fed_at
 from .roundcopies import RoundCopies
 
 HOST = torch.device("cpu")
@@ -212,7 +212,7 @@ class SequentialRun(Driver):
         """One round over `items` (this rank's shares); returns how many steps it took (a prefix of them)."""
         flights = self._start(items)
         owners = self.progress.layout.owners
-        needed = next_step(self.progress.verdict).needed  # every PCA at the first step
+        needed = self._fed()
         fed = [o for o in owners if o in needed]
         counts = RoundCounts(fed, len(flights), set(self.core.share))
         start, deepest = self.progress.step, max(self.block_of[o] for o in fed)
@@ -235,13 +235,18 @@ class SequentialRun(Driver):
                  "there)" if early else "")
         return taken
 
+    def _fed(self) -> set[str]:
+        """What the in-memory loop feeds at the next step (every PCA at the first: none is done yet)."""
+        p = self.progress
+        return fed_at(p.layout.order, p.verdict, self.settings.refine_converged)
+
     def _replay(self, owners: list[str], fed: list[str], counts: RoundCounts, copies: RoundCopies,
                 after_step: Callable[[], bool]) -> int:
         """The in-memory loop's decisions over the round's batches; each PCA set back to its copy after the last
         batch it would have been fed."""
         ledger, core, n = RoundLedger(set(fed), owners), self.core, len(counts.expert_tokens)
         for j in range(n):
-            needed = set(fed) if j == 0 else set(next_step(core.progress.verdict).needed)
+            needed = set(fed) if j == 0 else self._fed()
             if not ledger.admit(needed):
                 return j
             core.set_back({o: copies.get(o, j, self.blocks.device) for o in core.states(sorted(needed))})

@@ -152,7 +152,6 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_state(tmp_path, tiny_ll
 # -- refused ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (["model.quantization=4bit"], "model.quantization` is not supported with model.offload: sequential"),
-    (["eva.refine_converged=true"], "eva.refine_converged` is not supported with model.offload: sequential"),
     (["model.sequential_round=0"], "model.sequential_round` must be >= 1"),
 ])
 def test_unsupported_settings_are_refused_by_the_config(tmp_path, overrides, message):
@@ -177,3 +176,22 @@ def test_memory_budget_below_one_block_is_refused(tmp_path, tiny_llama_dir):
                                     output={"path": str(tmp_path / "x.safetensors")}))
     with pytest.raises(ConfigError, match=r"at most 1000\.0 B on any device \(cpu\), below one block"):
         run_job(cfg, show_progress=False)
+
+
+@pytest.mark.parametrize("rho", [1.0, 2.0])
+def test_refine_converged_gives_the_in_memory_state(rho, tmp_path, tiny_llama_dir):
+    """Converged PCAs the in-memory pass reaches before its deepest unconverged layer keep being refined; sequential
+    rounds feed the same ones at the same batches."""
+    def job(out, **model):
+        return config_from_dict(tiny_job(tiny_llama_dir, model={"name_or_path": tiny_llama_dir, **model},
+                                         eva={"tau": 0.99, "rho": rho, "max_batches": 12, "refine_converged": True,
+                                              "target_modules": "all-linear"},
+                                         output={"path": str(tmp_path / out)}))
+
+    reference = run_job(job("ref.safetensors"), show_progress=False)
+    seq = run_job(job("seq.safetensors", offload="sequential", sequential_round=5), show_progress=False)
+    assert_same_state(reference.state, seq.state, exact=True)
+    updates = seq.rank_stats[0].updates
+    assert updates == reference.rank_stats[0].updates
+    # refined to the end before the deepest unconverged layer, stopped beyond it
+    assert max(updates.values()) == reference.state.meta["batches"] and len(set(updates.values())) > 1
