@@ -160,8 +160,9 @@ def load_blocks(cfg: ModelConfig, device: torch.device) -> tuple[Any, str]:
     from .memory import check_budget
     from .onload import BlockModel, empty_model, refuse_unsupported
 
-    folder, hf_config, kind, cls = _resolve(cfg, None, local_checkpoint(cfg))
-    refuse_unsupported(hf_config)
+    _, hf_config, kind, cls = _resolve(cfg, None)
+    refuse_unsupported(hf_config)  # from the config alone: before the checkpoint is fetched or read
+    folder = local_checkpoint(cfg)
     dtype = getattr(torch, cfg.dtype)
     model = empty_model(cls, hf_config, dtype)
     if cfg.max_memory is not None:

@@ -166,11 +166,20 @@ def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def refuse_unsupported(config: Any) -> None:
-    """Model kinds sequential onloading cannot feed block to block, refused from the config alone."""
+    """What sequential onloading cannot run, refused from the model's config alone (before any weight is read)."""
     if getattr(config, "is_encoder_decoder", False):
         raise ConfigError(
             "model.offload: sequential does not support encoder-decoder models: the decoder's blocks need the "
-            "encoder's final output, not the previous block's; use model.offload: device_map"
+            "encoder's final output, not the previous block's, so two block lists would have to be run in turn with "
+            "the encoder's outputs held per batch (the T5 family fits a GPU whole or spread); use model.offload: "
+            "device_map"
+        )
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        raise ConfigError(
+            f"model.offload: sequential reads each block's tensors as stored, and this checkpoint is quantized "
+            f"({method}); use a bf16/fp16 copy of the model, or model.offload: device_map"
         )
 
 

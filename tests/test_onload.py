@@ -130,3 +130,6 @@ def test_encoder_decoder_is_refused_and_mixed_layer_types_are_not():
     cfg = LlamaConfig(num_hidden_layers=2)
     cfg.layer_types = ["sliding_attention", "full_attention"]
     refuse_unsupported(cfg)  # each block gets its own call (test_layer_types.py)
+    cfg.quantization_config = {"quant_method": "mxfp4"}
+    with pytest.raises(ConfigError, match=r"checkpoint is quantized \(mxfp4\); use a bf16/fp16 copy"):
+        refuse_unsupported(cfg)
