@@ -4,8 +4,11 @@
     python benchmarks/bigmodel.py --layers 2 --hidden 512 --batches 4        # a quick look
     python benchmarks/bigmodel.py --json out.json
     python benchmarks/bigmodel.py --rho 1 --modes none sequential   # ranks cannot move: one round takes every step
+    python benchmarks/bigmodel.py --arch gemma3 --modes none sequential   # Gemma-3-shaped: 5 sliding : 1 full layers
 
-The model is a random-init Llama saved with `save_pretrained` in sharded safetensors (500 MB shards). Each mode runs
+The model is a random-init Llama (or, with --arch gemma3, a Gemma-3-shaped model: five sliding-window layers to one
+full-attention layer, window 64 of the 128 tokens, one rotary embedding per layer type, so every block gets its own
+type's call) saved with `save_pretrained` in sharded safetensors (500 MB shards). Each mode runs
 the real job (`python -m evapipe.compute`) in a fresh process, itself started from a fresh measuring process, so
 `resource.getrusage(RUSAGE_CHILDREN)` gives that job's peak resident memory and CPU seconds alone (CPU seconds are
 less sensitive than wall time to other work on a shared machine):
@@ -39,23 +42,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 MODES = ("none", "sequential", "device_map")
 
 
-def synthetic_llama(folder: Path, hidden: int, layers: int) -> str:
-    """A random Llama (MiniLM's tokenizer and vocabulary), saved in sharded safetensors once."""
+def synthetic_model(folder: Path, hidden: int, layers: int, arch: str = "llama") -> str:
+    """A random Llama or Gemma-3-shaped model (MiniLM's tokenizer and vocabulary), saved in sharded safetensors once."""
     if (folder / "config.json").is_file():
         return str(folder)
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import transformers as tf
 
     from evapipe.sources import resolve_model_path
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:minilm"))
+    tok = tf.AutoTokenizer.from_pretrained(resolve_model_path("builtin:minilm"))
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-        num_attention_heads=hidden // 128, num_key_value_heads=hidden // 256, max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder, max_shard_size="500MB")
+    shape = dict(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                 num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 256,
+                 max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                 eos_token_id=tok.sep_token_id)
+    if arch == "gemma3":
+        types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**shape, head_dim=128, sliding_window=64, layer_types=types))
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**shape))
+    model.save_pretrained(folder, max_shard_size="500MB")
     tok.save_pretrained(folder)
     return str(folder)
 
@@ -109,6 +116,8 @@ def compare(a: str, b: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="llama", choices=["llama", "gemma3"],
+                        help="llama, or gemma3: sliding-window and full-attention layers (5:1), each called its own way")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batches", type=int, default=8, help="eva.max_batches (and the sequential round)")
@@ -130,9 +139,9 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     work = Path(tempfile.mkdtemp(prefix="evapipe-bigmodel-"))
     folder = Path(args.model_dir or work / "model")
-    model = synthetic_llama(folder, args.hidden, args.layers)
+    model = synthetic_model(folder, args.hidden, args.layers, args.arch)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30
-    print(f"model: {args.layers} x {args.hidden} Llama, {size:.2f} GiB of safetensors in "
+    print(f"model: {args.layers} x {args.hidden} {args.arch}, {size:.2f} GiB of safetensors in "
           f"{len(list(folder.glob('*.safetensors')))} shards; {args.batches} batches of {args.batch_size} x 128 tokens; "
           f"rho {args.rho:g}; {args.threads} thread(s)")
     results = {}
