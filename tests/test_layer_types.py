@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_distributed import compute, torchrun
 from test_resume import kill_then_rerun
-from test_sequential import assert_same_state
+from test_sequential import assert_same_state, one_and_two_processes
 
 from conftest import _tiny_tokenizer, tiny_job, write_config
-from evapipe import config_from_dict, load_config, load_state, run_job
+from evapipe import config_from_dict, load_state, run_job
 from evapipe.checkpoint import checkpoint_dir
 from evapipe.onload import BlockModel, block_list, empty_model
 
@@ -111,12 +110,7 @@ def test_two_processes_give_the_one_process_in_memory_state(tmp_path, mixed_dir)
     path = mixed_dir("gemma3")
     job = _job(path, tmp_path / "two.safetensors", offload="sequential", sequential_round=3)
     job["data"]["batch_size"] = 2
-    cfg = write_config(tmp_path / "job.yaml", **job)
-    one = run_job(load_config(cfg, [f"output.path={tmp_path / 'one.safetensors'}", "data.batch_size=4",
-                                    "model.offload=none"]), show_progress=False).state
-    two = torchrun(*compute(cfg))
-    assert two.returncode == 0, two.stdout[-3000:]
-    state = load_state(tmp_path / "two.safetensors")
+    one, state = one_and_two_processes(tmp_path, job)
     assert state.meta["world_size"] == 2
     assert_same_state(one, state, exact=False)
     assert_cos(one, state)

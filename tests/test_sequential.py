@@ -76,19 +76,23 @@ def test_convergence_inside_a_round_and_round_ends_keep_the_in_memory_state(tau,
     admit = sequential.RoundLedger.admit
     monkeypatch.setattr(sequential.RoundLedger, "admit", lambda self, needed: ends.append(admit(self, needed)) or ends[-1])
 
-    def job(out, **model):
-        return config_from_dict(tiny_job(tiny_llama_dir, model={"name_or_path": tiny_llama_dir, **model},
-                                         eva={"tau": tau, "rho": rho, "max_batches": 12,
-                                              "target_modules": "all-linear"},
-                                         output={"path": str(tmp_path / out)}))
-
-    reference = run_job(job("ref.safetensors"), show_progress=False)
-    seq = run_job(job("seq.safetensors", offload="sequential", sequential_round=5), show_progress=False)
+    reference, seq = in_memory_and_sequential(tiny_llama_dir, tmp_path, tau=tau, rho=rho)
     assert_same_state(reference.state, seq.state, exact=True)
     updates = seq.rank_stats[0].updates
     assert updates == reference.rank_stats[0].updates  # every PCA stopped at the batch where it stopped in memory
     assert len(set(updates.values())) > 1
     assert (False in ends) == round_ends  # a round ended early when a converged PCA was needed again
+
+
+def in_memory_and_sequential(llama_dir: str, tmp_path, **eva) -> tuple:
+    """The job results of the tiny Llama, all linear layers, 12 batches, in memory and sequentially (rounds of 5)."""
+    def job(out, **model):
+        return config_from_dict(tiny_job(llama_dir, model={"name_or_path": llama_dir, **model},
+                                         eva={"max_batches": 12, "target_modules": "all-linear", **eva},
+                                         output={"path": str(tmp_path / out)}))
+
+    reference = run_job(job("ref.safetensors"), show_progress=False)
+    return reference, run_job(job("seq.safetensors", offload="sequential", sequential_round=5), show_progress=False)
 
 
 def test_one_block_at_a_time_and_blocks_after_the_deepest_target_never_run(tmp_path, tiny_llama_dir, monkeypatch):
@@ -116,20 +120,25 @@ def test_one_block_at_a_time_and_blocks_after_the_deepest_target_never_run(tmp_p
 
 # -- two processes -------------------------------------------------------------------------------------------------
 def test_two_processes_give_the_one_process_in_memory_state(tmp_path, tiny_model_dir):
-    cfg = write_config(
-        tmp_path / "job.yaml",
+    one, state = one_and_two_processes(tmp_path, dict(
         model={"name_or_path": tiny_model_dir("llama"), "offload": "sequential", "sequential_round": 3},
         data={"path": "builtin:support_intents", "max_samples": 40, "batch_size": 4, "max_length": 32},
         eva={"r": 2, "tau": 0.99, "max_batches": 7, "on_unconverged": "warn"},
         output={"path": str(tmp_path / "two.safetensors")},
-    )
-    one = run_job(load_config(cfg, [f"output.path={tmp_path / 'one.safetensors'}", "data.batch_size=8",
-                                    "model.offload=none"]), show_progress=False).state
-    two = torchrun(*compute(cfg))
-    assert two.returncode == 0, two.stdout[-3000:]
-    state = load_state(tmp_path / "two.safetensors")
+    ))
     assert state.meta["world_size"] == 2
     assert_same_state(one, state, exact=False)
+
+
+def one_and_two_processes(tmp_path, job: dict) -> tuple:
+    """(the in-memory state of one process at twice the batch size, the state of `job` on two processes)."""
+    cfg = write_config(tmp_path / "job.yaml", **job)
+    one = run_job(load_config(cfg, [f"output.path={tmp_path / 'one.safetensors'}",
+                                    f"data.batch_size={2 * job['data']['batch_size']}", "model.offload=none"]),
+                  show_progress=False).state
+    two = torchrun(*compute(cfg))
+    assert two.returncode == 0, two.stdout[-3000:]
+    return one, load_state(job["output"]["path"])
 
 
 # -- resume ----------------------------------------------------------------------------------------------------
@@ -182,14 +191,7 @@ def test_memory_budget_below_one_block_is_refused(tmp_path, tiny_llama_dir):
 def test_refine_converged_gives_the_in_memory_state(rho, tmp_path, tiny_llama_dir):
     """Converged PCAs the in-memory pass reaches before its deepest unconverged layer keep being refined; sequential
     rounds feed the same ones at the same batches."""
-    def job(out, **model):
-        return config_from_dict(tiny_job(tiny_llama_dir, model={"name_or_path": tiny_llama_dir, **model},
-                                         eva={"tau": 0.99, "rho": rho, "max_batches": 12, "refine_converged": True,
-                                              "target_modules": "all-linear"},
-                                         output={"path": str(tmp_path / out)}))
-
-    reference = run_job(job("ref.safetensors"), show_progress=False)
-    seq = run_job(job("seq.safetensors", offload="sequential", sequential_round=5), show_progress=False)
+    reference, seq = in_memory_and_sequential(tiny_llama_dir, tmp_path, tau=0.99, rho=rho, refine_converged=True)
     assert_same_state(reference.state, seq.state, exact=True)
     updates = seq.rank_stats[0].updates
     assert updates == reference.rank_stats[0].updates

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_distributed import compute, torchrun
 from test_layer_types import assert_cos
 from test_moe import EXPERT_PARAMS, moe_job
 from test_resume import kill_then_rerun
-from test_sequential import assert_same_state
+from test_sequential import assert_same_state, one_and_two_processes
 
 from conftest import _tiny_tokenizer, tiny_job, write_config
 from evapipe import config_from_dict, load_config, load_state, run_job
@@ -66,12 +65,9 @@ def test_other_moe_families_equal_in_memory(arch, tmp_path, tiny_model_dir, requ
 
 def test_two_processes_and_a_resume_give_the_in_memory_state(tmp_path, tiny_model_dir):
     path = tiny_model_dir("mixtral")
-    one = run_job(config_from_dict(moe_job(path, tmp_path / "one.safetensors")), show_progress=False).state
     job = _sequential(moe_job(path, tmp_path / "two.safetensors"), tmp_path / "two.safetensors")
     job["data"]["batch_size"] = 2
-    two = torchrun(*compute(write_config(tmp_path / "two.yaml", **job)))
-    assert two.returncode == 0, two.stdout[-3000:]
-    state = load_state(tmp_path / "two.safetensors")
+    one, state = one_and_two_processes(tmp_path, job)  # one: in memory, one process, batches of 4
     assert state.meta["world_size"] == 2
     assert_same_state(one, state, exact=False)
     assert_cos(one, state)
