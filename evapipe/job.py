@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
     from .data import TaskRows
     from .distributed import Comm
-    from .engine import EvaRun, RankStats
+    from .driver import Driver
+    from .engine import RankStats
     from .state import EvaState
 
 log = logging.getLogger("evapipe")
@@ -192,7 +193,7 @@ def _join(cfg: JobConfig) -> Comm:
 class _Loaded:
     """What a job computes on: the run around the model, the rows, and how they become batches."""
 
-    run: EvaRun
+    run: Driver  # EvaRun in memory, SequentialRun with model.offload: sequential
     rows: TaskRows  # a table, or a stream with data.streaming
     collate: Any  # rows -> a batch (data.make_collator)
     kind: str
@@ -265,7 +266,7 @@ def _compute(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[str, An
     batches = rank_batches(loaded.rows, loaded.collate, cfg.data.batch_size, comm.world, comm.rank, run.progress.step)
     every, max_batches = cfg.output.checkpoint_every, cfg.eva.max_batches
 
-    def on_step(r: EvaRun) -> None:
+    def on_step(r: Driver) -> None:
         step = r.progress.step
         if every and step % every == 0 and not r.done and (max_batches is None or step < max_batches):
             checkpoint.save(ckpt, r.snapshot(), comm, job)
