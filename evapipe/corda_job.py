@@ -88,7 +88,7 @@ def compute_corda(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[st
         collate = make_collator(load_processor(cfg.model, kind), cfg.data, kind)
         rows = open_rows(cfg.data, kind)
         fingerprint = rows.fingerprint() if comm.is_main else None
-        targets = resolve_targets(model, c.target_modules)
+        targets = resolve_targets(model, c.target_modules, key="corda.target_modules")
     names = [t.name for t in targets]
     width = {t.name: t.in_features for t in targets}
     inputs = SampleInputs(model, names, device, import_callable(cfg.hooks.forward_fn, "hooks.forward_fn"))
@@ -105,9 +105,10 @@ def compute_corda(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[st
     finally:
         inputs.close()
     stats = CordaRankStats(comm.rank, inputs.forward_s, sums.add_s, sums.comm_s, owned=list(sums.sums))
-    covariances = {o: sums.covariance(o) for o in sums.sums}
+    covariances: dict[str, torch.Tensor] = {}
     eigens: dict[str, Eigens] = {}
-    with collectively(comm):
+    with collectively(comm):  # a group no sample reached fails on its owner: every rank stops with it
+        covariances = {o: sums.covariance(o) for o in sums.sums}
         t0 = time.perf_counter()
         eigens = decompose_owned(model, sums.layout.groups, covariances, c.r, c.corda_method)
         stats.decompose_s = time.perf_counter() - t0
