@@ -457,6 +457,18 @@ def _carry_other_files(old: Path, new: Path) -> None:
             os.link(item, target, follow_symlinks=False)
 
 
+def model_config_for(state_path: str | os.PathLike, meta: Mapping[str, Any], model: str | None, kind: str | None,
+                     **fields: Any) -> ModelConfig:
+    """How to load the model a state is applied to: `model` (loaded as its own architecture, or as `kind`), else
+    the model the state was computed on, as the kind it was computed as."""
+    source = meta.get("model") or {}
+    name = model or source.get("id")
+    if not name:
+        raise ConfigError(f"{state_path} does not record which model it was computed on; pass --model")
+    kind = kind or ("auto" if model else source.get("kind") or "auto")
+    return ModelConfig(name_or_path=name, kind=kind, **fields)
+
+
 def apply_to_directory(
     state_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -486,13 +498,9 @@ def apply_to_directory(
     output = Path(output)
     check_output(output, overwrite)
     state = load_for_apply(state_path)
-    source = state.meta.get("model") or {}
-    name = model or source.get("id")
-    if not name:
-        raise ConfigError(f"{state_path} does not record which model it was computed on; pass --model")
-    kind = kind or ("auto" if model else source.get("kind") or "auto")
-    cfg = ModelConfig(name_or_path=name, revision=revision, dtype=dtype, quantization=quantization, kind=kind,
-                      trust_remote_code=trust_remote_code, device=device)
+    cfg = model_config_for(state_path, state.meta, model, kind, revision=revision, dtype=dtype,
+                           quantization=quantization, trust_remote_code=trust_remote_code, device=device)
+    name = cfg.name_or_path
     torch.manual_seed(seed)  # a new head's init
     base, kind = load_model(cfg, local_device(device), num_labels=num_labels)
     peft_model = apply_eva_state(base, state, force=force, use_dora=use_dora, use_rslora=use_rslora)

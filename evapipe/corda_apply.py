@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .apply import check_output, lora_config_for, save_adapter
-from .config import ModelConfig
+from .apply import check_output, lora_config_for, model_config_for, save_adapter
 from .corda_decompose import Eigens, adapter_weights
 from .corda_state import CordaState, load_corda_state
 from .distributed import local_device
-from .errors import ConfigError, StateError
+from .errors import StateError
 from .models import load_model, load_processor, model_fingerprint
 from .state import EvaState
 from .targets import linear_shape
@@ -112,13 +111,9 @@ def apply_corda_to_directory(state_path: str | os.PathLike, output: str | os.Pat
     output = Path(output)
     check_output(output, overwrite)
     state = load_corda_state(state_path)
-    source = state.meta.get("model") or {}
-    name = model or source.get("id")
-    if not name:
-        raise ConfigError(f"{state_path} does not record which model it was computed on; pass --model")
-    kind = "auto" if model else source.get("kind") or "auto"
-    cfg = ModelConfig(name_or_path=name, revision=revision, dtype=dtype, kind=kind,
-                      trust_remote_code=trust_remote_code, device=device)
+    cfg = model_config_for(state_path, state.meta, model, None, revision=revision, dtype=dtype,
+                           trust_remote_code=trust_remote_code, device=device)
+    name = cfg.name_or_path
     base, kind = load_model(cfg, local_device(device))
     processor = load_processor(cfg, kind)
     peft_model = apply_corda_state(base, state, force=force)

@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import StateError
-from .metadata import utc_now
+from .metadata import MetaRecord, utc_now
 from .state import (
     FLOAT_DTYPES,
+    LayerState,
     _checksums,
     _contiguous,
     _load_tensors,
     atomic_write,
     check_finite,
+    parse_metadata,
     read_header,
     read_metadata,
     sealed_metadata,
@@ -47,7 +49,7 @@ EIGEN_KEYS = ("S_WC", "U_WC", "V_WC")  # PEFT's CordaEigens fields, in its cache
 
 
 @dataclass
-class CordaMeta:
+class CordaMeta(MetaRecord):
     """Everything a CorDA state file says besides its tensors; per-layer maps keyed by module name."""
 
     r: int
@@ -74,35 +76,14 @@ class CordaMeta:
     format_version: int = CORDA_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        return out | out.pop("extra")
-
-    @classmethod
-    def from_dict(cls, meta: Mapping[str, Any]) -> CordaMeta:
-        known = {f.name for f in fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in meta.items() if k in known},
-                   extra={k: v for k, v in meta.items() if k not in known})
-
 
 def eigen_key(name: str, part: str) -> str:
     return f"{name}.eigens.{part}"
 
 
 @dataclass
-class CordaState:
+class CordaState(LayerState):
     """A CorDA result: the cropped (S, U, V) of every target layer, and the metadata."""
-
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-
-    @property
-    def ranks(self) -> dict[str, int]:
-        return {k: int(v) for k, v in self.meta["ranks"].items()}
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self.meta["ranks"])
 
     @classmethod
     def of(cls, eigens: Mapping[str, Eigens], meta: CordaMeta) -> CordaState:
@@ -140,10 +121,7 @@ def read_corda_metadata(path: str | Path) -> dict[str, Any]:
     raw = header.get("__metadata__") or {}
     if raw.get("format") != CORDA_FORMAT:
         raise StateError(f"{path} is not an evapipe CorDA state (format={raw.get('format')!r})")
-    try:
-        meta = {k: (v if k in TEXT_KEYS else json.loads(v)) for k, v in raw.items() if k != "checksum"}
-    except (ValueError, RecursionError) as err:
-        raise StateError(f"{path}: metadata is corrupt ({err})") from None
+    meta = parse_metadata(raw, path, TEXT_KEYS)
     version = meta.get("format_version")
     if version != CORDA_FORMAT_VERSION:
         raise StateError(f"{path} has CorDA format_version {version!r}; this evapipe reads {CORDA_FORMAT_VERSION} "
