@@ -376,9 +376,6 @@ def _validate_corda(cfg: JobConfig) -> None:
         (c.lora_alpha > 0, "corda.lora_alpha", f"must be > 0, got {c.lora_alpha}"),
         (not (isinstance(c.target_modules, list) and not c.target_modules), "corda.target_modules",
          "is an empty list"),
-        (m.offload != "sequential", "model.offload",
-         "sequential is not supported with method: corda yet (the decomposition needs each layer's weight where its "
-         "covariance is kept); use offload: none, or device_map with the weights on GPUs and CPU"),
         (m.quantization is None, "model.quantization",
          "is not supported with method: corda (CorDA decomposes the float weights, as PEFT requires); load the model "
          "in float32, bfloat16 or float16"),

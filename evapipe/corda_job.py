@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .config import JobConfig
 from .corda_decompose import Eigens, decompose_owned
+from .corda_sequential import BlockDriver, step_groups
 from .corda_state import CordaMeta, CordaState, load_corda_state
 from .corda_stats import CordaSnapshot, CovarianceSums, SampleInputs
 from .data import TaskRows, make_collator, open_rows, rank_batches
 from .distributed import Comm, collectively
 from .job import JobResult, import_callable, provenance
 from .metadata import versions
-from .models import load_model, load_processor
+from .models import load_blocks, load_model, load_processor
 from .planning import Layout
 from .state import atomic_write
 from .targets import resolve_targets
@@ -82,9 +83,14 @@ def compute_corda(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[st
     """Run a `method: corda` job on every rank; rank 0 writes the state (and PEFT's files) and returns it."""
     ckpt = checkpoint.checkpoint_dir(paths[0])
     c = cfg.corda
+    blocks, sequential = None, cfg.model.offload == "sequential"
     with collectively(comm):
         log.info("loading %s on %s (world size %d)", cfg.model.name_or_path, device, comm.world)
-        model, kind = load_model(cfg.model, device)
+        if sequential:
+            blocks, kind = load_blocks(cfg.model, device)
+            model = blocks.model
+        else:
+            model, kind = load_model(cfg.model, device)
         collate = make_collator(load_processor(cfg.model, kind), cfg.data, kind)
         rows = open_rows(cfg.data, kind)
         fingerprint = rows.fingerprint() if comm.is_main else None
@@ -93,6 +99,10 @@ def compute_corda(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[st
     width = {t.name: t.in_features for t in targets}
     inputs = SampleInputs(model, names, device, import_callable(cfg.hooks.forward_fn, "hooks.forward_fn"))
     sums = CovarianceSums(comm, width, device)
+    driver = None
+    if blocks is not None:
+        with collectively(comm):
+            driver = BlockDriver(blocks, inputs, sums, comm)
     snapshot = checkpoint.resume(ckpt, comm, job, restart, kind=CordaSnapshot)
     if snapshot is not None:
         sums.restore(snapshot)
@@ -101,7 +111,7 @@ def compute_corda(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[st
              rows.samples() or "the streamed")
     try:
         with torch.no_grad():
-            _accumulate(cfg, comm, rows, collate, inputs, sums, ckpt, job, show_progress)
+            _accumulate(cfg, comm, rows, collate, inputs, sums, ckpt, job, show_progress, driver)
     finally:
         inputs.close()
     stats = CordaRankStats(comm.rank, inputs.forward_s, sums.add_s, sums.comm_s, owned=list(sums.sums))
@@ -110,7 +120,10 @@ def compute_corda(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[st
     with collectively(comm):  # a group no sample reached fails on its owner: every rank stops with it
         covariances = {o: sums.covariance(o) for o in sums.sums}
         t0 = time.perf_counter()
-        eigens = decompose_owned(model, sums.layout.groups, covariances, c.r, c.corda_method)
+        if driver is not None:
+            eigens = driver.decompose(covariances, c.r, c.corda_method)
+        else:
+            eigens = decompose_owned(model, sums.layout.groups, covariances, c.r, c.corda_method)
         stats.decompose_s = time.perf_counter() - t0
     if c.covariance_file:
         write_covariance_file(c.covariance_file, comm, covariances, sums.layout)
@@ -136,45 +149,62 @@ def compute_corda(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[st
     return JobResult(path, state, time.perf_counter() - start, rank_stats)  # type: ignore[arg-type]
 
 
-def _steps(it: Iterator[Any]) -> tuple[Any, BaseException | None]:
-    """The next batch of this rank, or the error reading it (agreed on by the caller, never left to hang others)."""
-    try:
-        return next(it), None
-    except Exception as err:
-        return None, err
-
-
 def _accumulate(cfg: JobConfig, comm: Comm, rows: TaskRows, collate: Any, inputs: SampleInputs,
-                sums: CovarianceSums, ckpt: Path, job: dict[str, Any], show_progress: bool) -> None:
-    """One pass over the data: every step's normalised rows into the owners' sums (see the module docstring)."""
+                sums: CovarianceSums, ckpt: Path, job: dict[str, Any], show_progress: bool,
+                driver: BlockDriver | None = None) -> None:
+    """One pass over the data: every step's normalised rows into the owners' sums (see the module docstring); with
+    a BlockDriver (model.offload: sequential), rounds of steps block by block."""
     global_batch = cfg.data.batch_size * comm.world
     every = cfg.output.checkpoint_every
+
+    def ended(step: int) -> bool:
+        return pass_ended(rows, global_batch, step)
+
     it = rank_batches(rows, collate, cfg.data.batch_size, comm.world, comm.rank, sums.step)
+    size = cfg.model.sequential_round if driver is not None else 1
     bar = tqdm(total=rows.pass_steps(global_batch), initial=sums.step, desc="CorDA covariance", unit="batch",
                disable=not (show_progress and comm.is_main))
     try:
-        while not pass_ended(rows, global_batch, sums.step):
-            batch, error = _steps(it)
-            ended = torch.tensor([float(error is None and pass_ended(rows, global_batch, sums.step))])
-            with collectively(comm, error, values=lambda e=ended: e) as shared:  # a stream's end, seen reading
+        for batches, error in step_groups(it, size, ended, sums.step):
+            with collectively(comm, error):  # a failed read on one rank stops every rank
                 pass
-            if shared.values.item() > 0:
-                break
-            layout = None
-            with collectively(comm):
-                tokens, samples = inputs.forward(batch)
-                if sums.layout is None and comm.is_main:
-                    layout = inputs.layout()
-            if sums.layout is None:  # every rank takes rank 0's groups and order
-                layout = comm.broadcast(layout)
-                sums.place(layout)
-                inputs.follow(layout)
-            sums.add(tokens, samples)
-            bar.update(1)
-            if every and sums.step % every == 0 and not pass_ended(rows, global_batch, sums.step):
+            before = sums.step
+            if driver is None:
+                for batch in batches:
+                    _memory_step(comm, inputs, sums, batch)
+            else:
+                if sums.layout is None:
+                    layout = None
+                    with collectively(comm):
+                        layout = driver.layout(batches[0]) if comm.is_main else None
+                    _adopt(comm, sums, inputs, layout)
+                driver.round(batches)
+            bar.update(sums.step - before)
+            if every and sums.step // every > before // every and not ended(sums.step):
                 checkpoint.save(ckpt, sums.snapshot(), comm, job)
     finally:
         bar.close()
+
+
+def _adopt(comm: Comm, sums: CovarianceSums, inputs: SampleInputs, layout: Layout | None) -> None:
+    """Every rank takes rank 0's groups and execution order: owners placed, passes cut alike."""
+    layout = comm.broadcast(layout)
+    sums.place(layout)
+    inputs.follow(layout)
+
+
+def _memory_step(comm: Comm, inputs: SampleInputs, sums: CovarianceSums, batch: Any) -> None:
+    """One step with the whole model in memory: forward, then the rows to their owners (the first step also
+    decides the groups)."""
+    layout, tokens, samples = None, {}, {}
+    with collectively(comm):
+        tokens, samples = inputs.forward(batch)
+        if sums.layout is None and comm.is_main:
+            layout = inputs.layout()
+    if sums.layout is None:
+        _adopt(comm, sums, inputs, layout)
+    sums.add(tokens, samples)
+    sums.step += 1
 
 
 def write_covariance_file(path: str | Path, comm: Comm, covariances: Mapping[str, torch.Tensor],

@@ -20,7 +20,7 @@ can feed it one block at a time; `snapshot`/`restore` are what a checkpoint keep
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,21 +80,32 @@ class SampleInputs:
         return rows
 
     def forward(self, batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """({layer: rows}, {layer: samples}) of one batch (None: nothing this step)."""
+        """({layer: rows}, {layer: samples}) of one batch through the whole model (None: nothing this step)."""
         if batch is None:
             return {}, {}
         batch = to_device(batch, self.device)
-        masks = stream_masks(batch, False, -100, self.streams.encoder_decoder)  # every attended token, as PEFT
-        self.capture.select(None, TokenSelector(masks, self.streams) if masks else None)
-        self.samples = {}
-        t0 = time.perf_counter()
-        with self.streams.watching():
-            tokens = self.capture.run(lambda: self.forward_fn(self.model, batch), self.first)
-        self.forward_s += time.perf_counter() - t0
+        tokens, samples = self.run(lambda: self.forward_fn(self.model, batch), self.selector(batch))
         if self.first:
             self.first = False
             self.groups = shared_input_groups(self.capture.raw, self.names)
             self.capture.raw = None  # the first pass's raw inputs served the groups; do not keep them
+        return tokens, samples
+
+    def selector(self, batch: Any) -> TokenSelector | None:
+        """Which rows of a batch (on the device) count: every attended token, as PEFT's one-sample forwards see."""
+        masks = stream_masks(batch, False, -100, self.streams.encoder_decoder)
+        return TokenSelector(masks, self.streams) if masks else None
+
+    def run(self, forward: Callable[[], Any], selector: TokenSelector | None,
+            first: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """({layer: rows}, {layer: samples}) of the active layers `forward` reaches: a whole model's pass, or one
+        block's (a sequential driver); `first` (default: until the groups are known) records raw inputs and order."""
+        self.capture.select(None, selector)
+        self.samples = {}
+        t0 = time.perf_counter()
+        with self.streams.watching():
+            tokens = self.capture.run(forward, self.first if first is None else first)
+        self.forward_s += time.perf_counter() - t0
         return tokens, {n: self.samples.get(n, 0) for n in tokens}
 
     def layout(self) -> Layout:
@@ -159,7 +170,7 @@ class CovarianceSums:
         self.sums: dict[str, CovarianceSum] = {}
         self.samples: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
-        self.step = 0
+        self.step = 0  # steps (batches of every rank) fully added: the driver counts them
         self.add_s = self.comm_s = 0.0
 
     def place(self, layout: Layout, restored: Mapping[str, CovarianceSum] = {}) -> None:
@@ -197,7 +208,6 @@ class CovarianceSums:
         for i, o in enumerate(owners):
             self.samples[o] += agreed[i]
             self.tokens[o] += agreed[len(owners) + i]
-        self.step += 1
 
     def covariance(self, owner: str) -> torch.Tensor:
         """The group's covariance: its sum divided by the samples it was fed (PEFT's definition)."""

@@ -128,8 +128,6 @@ def test_decompose_reconstructs_the_weight_and_crops_by_method():
 
 def test_config_validation():
     base = {"method": "corda", "output": {"path": "x.safetensors"}}
-    with pytest.raises(ConfigError, match="offload"):
-        config_from_dict(base | {"model": {"offload": "sequential"}})
     with pytest.raises(ConfigError, match="corda_method"):
         config_from_dict(base | {"corda": {"corda_method": "pca"}})
     with pytest.raises(ConfigError, match="did you mean `corda.corda_method`"):
@@ -213,3 +211,25 @@ def test_resume_continues_to_the_same_state(tmp_path, tiny_llama_dir, caplog):
     for name, t in first.state.tensors.items():
         torch.testing.assert_close(again.state.tensors[name], t)
     assert load_corda_state(again.path).meta["samples"] == first.state.meta["samples"]
+
+
+def test_sequential_onloading_gives_the_in_memory_state(tmp_path, tiny_model_dir, caplog):
+    """model.offload: sequential (rounds of 2 batches, one block at a time) sums and decomposes what memory does."""
+    llama = tiny_model_dir("llama")
+    mem, seq = tmp_path / "mem", tmp_path / "seq"
+    a = run_job(config_from_dict(corda_job(llama, mem, LLAMA_TARGETS)), show_progress=False).state
+    b = run_job(config_from_dict(corda_job(llama, seq, LLAMA_TARGETS,
+                                           model={"offload": "sequential", "sequential_round": 2})),
+                show_progress=False).state
+    assert "CorDA round at step 4: 2 batch(es) through blocks 0-1" in caplog.text
+    assert a.meta["samples"] == b.meta["samples"] and a.meta["layer_tokens"] == b.meta["layer_tokens"]
+    assert a.meta["shared_inputs"] == b.meta["shared_inputs"] and b.meta["batches"] == N_SAMPLES // 4
+    cov_a, cov_b = torch.load(mem / "ours" / "cov.pt"), torch.load(seq / "ours" / "cov.pt")
+    for name, c in cov_a.items():
+        torch.testing.assert_close(cov_b[name], c, rtol=1e-5, atol=1e-7, msg=name)
+    for name in a.layers:
+        (s, u, v), (s2, u2, v2) = a.eigens(name), b.eigens(name)
+        sign = torch.sign((u * u2).sum(0))
+        torch.testing.assert_close(s2, s, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(u2 * sign, u, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(v2 * sign, v, rtol=1e-3, atol=1e-4)
