@@ -12,6 +12,10 @@ rows of the shipped support_intents data, truncated to 128 tokens), every linear
     evapipe-1   `python -m evapipe.compute` of a `method: corda` config, batches of 8, one process
     evapipe-2   the same under `torchrun --nproc_per_node 2` (gloo): each process holds the model and its own share of
                 the covariances; each decomposes its share
+    evapipe-seq one process with model.offload: sequential (rounds of 8 batches, one block in memory at a time; the
+                covariances stay whole: sequential onloading divides the weights, processes divide the covariances)
+
+    python benchmarks/corda_vs_peft.py --hidden 2048 --layers 8 --samples 32   # the 2 GB synthetic Llama
 
 Each runs in a fresh process, itself started from a fresh measuring process, so `getrusage(RUSAGE_CHILDREN)` gives
 its wall time, CPU seconds and peak resident memory alone (under torchrun: the largest worker's). Both write PEFT's
@@ -35,7 +39,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MODES = ("peft", "evapipe-1", "evapipe-2")
+MODES = ("peft", "evapipe-1", "evapipe-2", "evapipe-seq")
 MAX_LENGTH = 128
 R = 8
 # every linear layer but the head; PEFT's preprocess_corda does not expand `all-linear` (get_peft_model does)
@@ -75,9 +79,12 @@ def peft_run(model_dir: str, samples: int, work: str) -> None:
 def evapipe_config(model_dir: str, samples: int, work: Path, mode: str) -> Path:
     import yaml
 
+    model = {"name_or_path": model_dir, "device": "cpu"}
+    if mode == "evapipe-seq":
+        model |= {"offload": "sequential", "sequential_round": 8}
     cfg = {
         "method": "corda",
-        "model": {"name_or_path": model_dir, "device": "cpu"},
+        "model": model,
         "data": {"path": "builtin:support_intents", "max_samples": samples, "batch_size": 8,
                  "max_length": MAX_LENGTH, "shuffle": False},
         "corda": {"r": R, "lora_alpha": R, "target_modules": TARGETS, "corda_method": "ipm",
@@ -93,7 +100,7 @@ def command(mode: str, model_dir: str, samples: int, work: Path) -> list[str]:
     if mode == "peft":
         return [sys.executable, __file__, "--peft-child", model_dir, "--samples", str(samples), "--work", str(work)]
     job = ["-m", "evapipe.compute", "--config", str(evapipe_config(model_dir, samples, work, mode)), "--no-progress"]
-    if mode == "evapipe-1":
+    if mode != "evapipe-2":
         return [sys.executable, *job]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
