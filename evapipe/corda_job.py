@@ -133,13 +133,9 @@ def compute_corda(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[st
     with collectively(comm):
         if comm.is_main:
             merged = {k: v for part, _ in gathered for k, v in part.items()}
-            meta = corda_meta(cfg, names, targets, sums, comm.world)
-            extra = provenance(cfg, job, model, kind, rows, fingerprint)
-            state = CordaState.of({n: merged[n] for n in names}, CordaMeta.from_dict(meta.to_dict() | extra))
-            for p in reversed(paths):  # the primary output last, so it is never older than a copy
-                path = state.save(p)
-            if c.cache_file:
-                write_cache_file(c.cache_file, state)
+            meta = corda_meta(cfg, targets, sums, comm.world) | provenance(cfg, job, model, kind, rows, fingerprint)
+            state, path = write_state(CordaState.of({n: merged[n] for n in names}, CordaMeta.from_dict(meta)),
+                                      paths, c.cache_file)
     if not comm.is_main:
         return JobResult(None, None, time.perf_counter() - start, [])
     if not cfg.output.keep_checkpoint:
@@ -207,6 +203,15 @@ def _memory_step(comm: Comm, inputs: SampleInputs, sums: CovarianceSums, batch: 
     sums.step += 1
 
 
+def write_state(state: CordaState, paths: list[Path], cache_file: str | None) -> tuple[CordaState, Path]:
+    """The state to every output (the primary one last, so it is never older than a copy), and PEFT's cache file."""
+    for path in reversed(paths):
+        state.save(path)
+    if cache_file:
+        write_cache_file(cache_file, state)
+    return state, paths[0]
+
+
 def write_covariance_file(path: str | Path, comm: Comm, covariances: Mapping[str, torch.Tensor],
                           layout: Layout) -> Path:
     """PEFT's CordaConfig.covariance_file ({module name: covariance}; members of a shared-input group share one
@@ -228,10 +233,11 @@ def write_covariance_file(path: str | Path, comm: Comm, covariances: Mapping[str
     return path
 
 
-def corda_meta(cfg: JobConfig, names: list[str], targets: list[Any], sums: CovarianceSums, world: int) -> CordaMeta:
+def corda_meta(cfg: JobConfig, targets: list[Any], sums: CovarianceSums, world: int) -> dict[str, Any]:
     """The state's metadata from the run (the job adds task, store key, model and dataset)."""
     c = cfg.corda
     owner_of = sums.layout.owner_of
+    names = [t.name for t in targets]
     layer_tokens = {n: sums.tokens[owner_of[n]] for n in names}
     return CordaMeta(
         r=c.r, lora_alpha=c.lora_alpha, corda_method=c.corda_method, ranks={n: c.r for n in names},
@@ -239,7 +245,7 @@ def corda_meta(cfg: JobConfig, names: list[str], targets: list[Any], sums: Covar
         samples={n: sums.samples[owner_of[n]] for n in names}, layer_tokens=layer_tokens,
         tokens=max(layer_tokens.values()), shared_inputs=sums.layout.shared, target_modules=c.target_modules,
         batches=sums.step, world_size=world, versions=versions("transformers", "peft"),
-    )
+    ).to_dict()
 
 
 def corda_summary(state: CordaState, rank_stats: list[CordaRankStats], seconds: float, path: Path) -> str:
