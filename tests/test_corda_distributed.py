@@ -1,7 +1,7 @@
 """CorDA on 2 real processes (gloo on the CPU, under torchrun): the 1-process result, whatever the batch size.
 
-The 2-process job reads the data streamed, 3 samples per process per step (22 samples: an uneven last step), the
-1-process job a table, 8 per step. Covariances, sample counts and decompositions must agree; each covariance is
+The 2-process job reads 3 samples per process per step (22 samples: an uneven last step), streamed or with the model
+onloaded block by block (model.offload: sequential, rounds of 3 steps); the 1-process job a table, 8 per step. Covariances, sample counts and decompositions must agree; each covariance is
 owned by one process (the owners' parts are joined into PEFT's covariance file).
 """
 
@@ -21,15 +21,19 @@ from evapipe.corda_state import load_corda_state
 pytestmark = pytest.mark.slow
 
 
-def test_two_processes_give_the_one_process_state(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("two_procs", [{"data": {"streaming": True}},
+                                       {"model": {"offload": "sequential", "sequential_round": 3}}],
+                         ids=["streamed", "sequential"])
+def test_two_processes_give_the_one_process_state(tmp_path, tiny_model_dir, two_procs):
     llama = tiny_model_dir("llama")
     targets = ["q_proj", "k_proj", "o_proj", "down_proj"]
     one = tmp_path / "one"
     run_job(config_from_dict(corda_job(llama, one, targets, data={"max_samples": 22, "batch_size": 8})),
             show_progress=False)
     two = tmp_path / "two"
-    cfg = write_config(tmp_path / "two.yaml", **corda_job(
-        llama, two, targets, data={"max_samples": 22, "batch_size": 3, "streaming": True}))
+    sections = corda_job(llama, two, targets, data={"max_samples": 22, "batch_size": 3}, model=two_procs.get("model", {}))
+    sections["data"] |= two_procs.get("data", {})
+    cfg = write_config(tmp_path / "two.yaml", **sections)
     run = torchrun(*compute(cfg))
     assert run.returncode == 0, run.stdout[-3000:]
     owned = [int(n) for n in re.findall(r"\((\d+) covariances\)", run.stdout)]
