@@ -134,6 +134,12 @@ def test_config_validation():
         config_from_dict(base | {"corda": {"corda_mehtod": "ipm"}})
     with pytest.raises(ConfigError, match="quantization"):
         config_from_dict(base | {"model": {"quantization": "4bit"}})
+    with pytest.raises(ConfigError, match="hooks.prepare_layer_inputs_fn"):
+        config_from_dict(base | {"hooks": {"prepare_layer_inputs_fn": "a:b"}})
+    from evapipe.estimate import estimate
+
+    with pytest.raises(ConfigError, match="estimates EVA jobs"):
+        estimate(config_from_dict(base))
 
 
 def test_store_keys_keep_eva_and_separate_methods(tiny_llama_dir):
