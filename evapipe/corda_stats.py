@@ -188,8 +188,9 @@ class CovarianceSums:
         self.tokens = {o: self.tokens.get(o, 0) for o in owners}
 
     def add(self, tokens: Mapping[str, torch.Tensor], samples: Mapping[str, int]) -> None:
-        """Fold one step into the sums (a collective: every rank calls it, with rows for any of the groups, keyed
-        by group owner). Rows go to their group's owner; sample and row counts are summed over ranks."""
+        """Fold rows into the sums: one batch of every rank, for any of the groups (keyed by group owner: all of
+        them in memory, one block's with sequential onloading). A collective: every rank calls it alike. Rows go to
+        their group's owner; sample and row counts are summed over ranks. The driver counts the steps."""
         owners = self.layout.owners
         local = {o: tokens.get(o, torch.empty(0, self.width[o], device=self.device)) for o in owners}
         t0 = time.perf_counter()
