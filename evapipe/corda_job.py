@@ -118,7 +118,7 @@ def compute_corda(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[st
     covariances: dict[str, torch.Tensor] = {}
     eigens: dict[str, Eigens] = {}
     with collectively(comm):  # a group no sample reached fails on its owner: every rank stops with it
-        covariances = {o: sums.covariance(o) for o in sums.sums}
+        covariances = sums.covariances()
         t0 = time.perf_counter()
         if driver is not None:
             eigens = driver.decompose(covariances, c.r, c.corda_method)
@@ -215,16 +215,17 @@ def write_state(state: CordaState, paths: list[Path], cache_file: str | None) ->
 def write_covariance_file(path: str | Path, comm: Comm, covariances: Mapping[str, torch.Tensor],
                           layout: Layout) -> Path:
     """PEFT's CordaConfig.covariance_file ({module name: covariance}; members of a shared-input group share one
-    tensor, which torch.save stores once). Each owner writes its part beside `path`; rank 0 joins them reading
-    each part memory-mapped, so no process ever holds every covariance at once."""
+    tensor, which torch.save stores once). With several processes each other owner writes its part beside `path`
+    and rank 0 joins them with its own, reading the parts memory-mapped, so no process holds every covariance."""
     path = Path(path)
     part = path.with_name(f".{path.name}.part-{comm.rank}")
     with collectively(comm):
-        atomic_write(part, lambda tmp: torch.save({o: c.cpu() for o, c in covariances.items()}, tmp))
+        if not comm.is_main:
+            atomic_write(part, lambda tmp: torch.save({o: c.cpu() for o, c in covariances.items()}, tmp))
     with collectively(comm):
         if comm.is_main:
-            joined: dict[str, torch.Tensor] = {}
-            for rank in range(comm.world):
+            joined = {o: c.cpu() for o, c in covariances.items()}
+            for rank in range(1, comm.world):
                 joined |= torch.load(path.with_name(f".{path.name}.part-{rank}"), mmap=True, weights_only=True)
             owner_of = layout.owner_of
             names = [n for g in layout.groups for n in g]

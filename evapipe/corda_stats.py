@@ -210,12 +210,15 @@ class CovarianceSums:
             self.samples[o] += agreed[i]
             self.tokens[o] += agreed[len(owners) + i]
 
-    def covariance(self, owner: str) -> torch.Tensor:
-        """The group's covariance: its sum divided by the samples it was fed (PEFT's definition)."""
-        n = self.samples[owner]
-        if n == 0:
-            raise DataError(f"{owner} received no sample of the data; its covariance is undefined")
-        return self.sums[owner].total / n
+    def covariances(self) -> dict[str, torch.Tensor]:
+        """This rank's covariances once the pass is done: each sum divided by the samples it was fed (PEFT's
+        definition), in place, so the sums' memory becomes the covariances' (no second copy); the sums end."""
+        empty = [o for o in self.sums if self.samples[o] == 0]
+        if empty:
+            raise DataError(f"{', '.join(empty[:4])} received no sample of the data; their covariance is undefined")
+        out = {o: s.total.div_(self.samples[o]) for o, s in self.sums.items()}
+        self.sums = {}
+        return out
 
     def snapshot(self) -> CordaSnapshot:
         return CordaSnapshot(self.step, self.layout, dict(self.samples), dict(self.tokens),
