@@ -11,6 +11,8 @@ Python API (each CLI command wraps one of these):
     list_states(store_dir)                                     -> StoreEntry list (`evapipe list`)
     rebudget(state, r, rho) / rebudget_file(src, dst, r, rho)  -> EvaState (`evapipe rebudget`)
     convert_file(src, dst, r=...)                              -> EvaState (`evapipe convert`)
+    run_job(cfg with method: corda) / load_corda_state(path)   -> CorDA state (docs/other-methods.md)
+    apply_corda_state(model, state) / apply_corda_to_directory -> PeftModel / adapter + residual model
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ _EXPORTS = {
     "EvaState": "state", "load_state": "state", "read_metadata": "state",
     "apply_eva_state": "apply", "apply_to_directory": "apply", "to_peft_state_dict": "apply",
     "check_adapter_dir": "adapter_check",
-    "list_states": "store", "rebudget": "rebudget", "rebudget_file": "rebudget", "convert_file": "convert",
+    "list_states": "store", "CordaSettings": "config", "load_corda_state": "corda_state",
+    "apply_corda_state": "corda_apply", "apply_corda_to_directory": "corda_apply", "rebudget": "rebudget", "rebudget_file": "rebudget", "convert_file": "convert",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

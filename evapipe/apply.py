@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +43,7 @@ StateLike = EvaState | str | os.PathLike | Mapping[str, torch.Tensor]
 
 HEAD_CLASSES = ("ForImageClassification", "ForAudioClassification")  # classifiers without a PEFT task type
 PROVENANCE_FILE = "evapipe.json"
-PROVENANCE_KEYS = ("task", "r", "lora_alpha", "rho", "tau", "whiten", "adjust_scaling_factors", "target_modules",
+PROVENANCE_KEYS = ("method", "corda_method", "task", "r", "lora_alpha", "rho", "tau", "whiten", "adjust_scaling_factors", "target_modules",
                    "batches", "tokens", "model", "dataset", "versions", "created")
 MAX_NAMED = 5  # offending layers named in an error
 
@@ -388,7 +388,8 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 
 def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaState, overwrite: bool = False,
-                 built_for: Mapping[str, Any] | None = None) -> Path:
+                 built_for: Mapping[str, Any] | None = None,
+                 write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write the standard PEFT adapter directory (+ evapipe.json provenance) atomically: into a temporary
     sibling folder first, which then replaces `output`, so a crash never leaves a half-written adapter.
 
@@ -398,7 +399,7 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
     Over an existing adapter (`overwrite`), only the files the new adapter writes are replaced: everything else in
     the folder (training logs, checkpoints) is carried into the new folder (hard links, no copy) before the swap.
     The old folder waits under a name of its own until the swap is done, so concurrent applies never remove each
-    other's.
+    other's. `write_extra(folder)` adds files of the method's own (CorDA's residual model) before the swap.
     """
     output = Path(output)
     check_output(output, overwrite)
@@ -415,6 +416,8 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
         provenance = {k: meta[k] for k in PROVENANCE_KEYS if k in meta} | {"ranks": state.ranks,
                                                                           "adapter_for": adapter_for}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
+        if write_extra is not None:
+            write_extra(tmp)
         if output.exists():
             _carry_other_files(output, tmp)
             old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
@@ -454,6 +457,18 @@ def _carry_other_files(old: Path, new: Path) -> None:
             os.link(item, target, follow_symlinks=False)
 
 
+def model_config_for(state_path: str | os.PathLike, meta: Mapping[str, Any], model: str | None, kind: str | None,
+                     **fields: Any) -> ModelConfig:
+    """How to load the model a state is applied to: `model` (loaded as its own architecture, or as `kind`), else
+    the model the state was computed on, as the kind it was computed as."""
+    source = meta.get("model") or {}
+    name = model or source.get("id")
+    if not name:
+        raise ConfigError(f"{state_path} does not record which model it was computed on; pass --model")
+    kind = kind or ("auto" if model else source.get("kind") or "auto")
+    return ModelConfig(name_or_path=name, kind=kind, **fields)
+
+
 def apply_to_directory(
     state_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -483,13 +498,9 @@ def apply_to_directory(
     output = Path(output)
     check_output(output, overwrite)
     state = load_for_apply(state_path)
-    source = state.meta.get("model") or {}
-    name = model or source.get("id")
-    if not name:
-        raise ConfigError(f"{state_path} does not record which model it was computed on; pass --model")
-    kind = kind or ("auto" if model else source.get("kind") or "auto")
-    cfg = ModelConfig(name_or_path=name, revision=revision, dtype=dtype, quantization=quantization, kind=kind,
-                      trust_remote_code=trust_remote_code, device=device)
+    cfg = model_config_for(state_path, state.meta, model, kind, revision=revision, dtype=dtype,
+                           quantization=quantization, trust_remote_code=trust_remote_code, device=device)
+    name = cfg.name_or_path
     torch.manual_seed(seed)  # a new head's init
     base, kind = load_model(cfg, local_device(device), num_labels=num_labels)
     peft_model = apply_eva_state(base, state, force=force, use_dora=use_dora, use_rslora=use_rslora)

@@ -51,6 +51,7 @@ class Snapshot:
     ratios: dict[str, list[float]]  # the latest agreed ratios and similarities, per PCA (owner layer)
     similar: dict[str, list[float]]
     states: dict[str, PCAState] = field(default_factory=dict)
+    state_cls = PCAState  # what a rank's states are read back as (another method's snapshot names its own)
 
     def loop(self) -> dict[str, Any]:
         """The shared part as JSON (a step's attributes; the layout of CKPT_VERSION 1)."""
@@ -116,7 +117,7 @@ def _write_states(group_dir: Path, states: dict[str, PCAState]) -> None:
         sub.attrs.update({"owner": owner, "fields": plain, "tensors": dtypes})
 
 
-def _read_states(group_dir: Path) -> dict[str, PCAState]:
+def _read_states(group_dir: Path, state_cls: type = PCAState) -> dict[str, Any]:
     import numpy as np
     import zarr
 
@@ -128,7 +129,7 @@ def _read_states(group_dir: Path) -> dict[str, PCAState]:
         kwargs = dict(attrs["fields"])
         for t, dtype in attrs["tensors"].items():
             kwargs[t] = torch.from_numpy(np.asarray(sub[t][...])).to(getattr(torch, dtype))  # 0-d reads as a scalar
-        states[attrs["owner"]] = PCAState(**kwargs)
+        states[attrs["owner"]] = state_cls(**kwargs)
     return states
 
 
@@ -208,9 +209,11 @@ def _decide_safely(directory: Path, job: dict[str, Any], world: int, restart: bo
                                   "discard it and start fresh")
 
 
-def resume(directory: str | Path, comm: Comm, job: dict[str, Any], restart: bool = False) -> Snapshot | None:
-    """The newest complete checkpoint in `directory`, on every rank (this rank's PCAs in it), or None when
-    starting fresh. A checkpoint of another job or world size raises ConfigError unless `restart` discards it."""
+def resume(directory: str | Path, comm: Comm, job: dict[str, Any], restart: bool = False,
+           kind: type = Snapshot) -> Any:
+    """The newest complete checkpoint in `directory`, on every rank (this rank's states in it), or None when
+    starting fresh. A checkpoint of another job or world size raises ConfigError unless `restart` discards it.
+    `kind`: the snapshot class (its `from_loop` and `state_cls`): EVA's Snapshot, or another method's."""
     directory = Path(directory)
     decision: Decision = comm.broadcast(_decide_safely(directory, job, comm.world, restart) if comm.is_main else None)
     if decision.action == "refuse":
@@ -226,11 +229,11 @@ def resume(directory: str | Path, comm: Comm, job: dict[str, Any], restart: bool
     states = {}
     with collectively(comm):
         try:
-            states = _read_states(step_dir / f"rank-{comm.rank}")
+            states = _read_states(step_dir / f"rank-{comm.rank}", kind.state_cls)
         except Exception as err:
             raise ConfigError(f"the checkpoint {step_dir} cannot be read ({err}); rerun with --restart to "
                               "discard it") from None
-    snapshot = Snapshot.from_loop(decision.loop, states)
+    snapshot = kind.from_loop(decision.loop, states)
     log.info("resuming from %s at batch %d", directory, snapshot.step)
     return snapshot
 

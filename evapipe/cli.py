@@ -94,10 +94,18 @@ def estimate_command(config_path: str, overrides: tuple[str, ...], device_memory
               help="Also write a figure (PNG) of rank per layer and explained variance kept (needs matplotlib).")
 def show_command(state_path: str, as_json: bool, plot: str | None) -> None:
     """Print a state's per-layer rank / explained-variance / convergence table (alias: inspect)."""
-    from .report import layer_table, plot_layers
-    from .state import read_metadata
+    from .corda_state import read_state_metadata
+    from .report import corda_table, layer_table, plot_layers
 
-    meta = read_metadata(state_path)
+    meta = read_state_metadata(state_path)
+    if meta.get("method") == "corda":
+        if plot:
+            raise click.UsageError("--plot draws EVA states' ranks and explained variance; a CorDA state has neither")
+        click.echo(json.dumps(meta, indent=2) if as_json else
+                   f"task {meta['task']}  model {(meta.get('model') or {}).get('id')}  CorDA {meta['corda_method']} "
+                   f"r={meta['r']} lora_alpha={meta['lora_alpha']}  tokens {meta.get('tokens')}  batches "
+                   f"{meta.get('batches')}  store key {meta.get('store_key')}\n{corda_table(meta)}")
+        return
     if plot:
         plot_layers(meta, plot)
     if as_json:
@@ -146,7 +154,7 @@ def _model_options(func):
 
 @main.command("apply")
 @click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False),
-              help="EVA state file written by `evapipe compute`.")
+              help="EVA or CorDA state file written by `evapipe compute`.")
 @_model_options
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Adapter directory to write (adapter_config.json + adapter_model.safetensors + evapipe.json).")
@@ -173,9 +181,17 @@ def apply_command(state_path: str, output: str, load_4bit: bool, load_8bit: bool
     to a task model around it (--model a saved classifier, or --kind seq-cls --num-labels N): the adapter then
     carries the head (PEFT task type, modules_to_save). Load it with
     PeftModel.from_pretrained(<that model>, OUTPUT, is_trainable=True); `evapipe check` checks a model first.
+
+    A CorDA state (method: corda) gives lora_A and lora_B from its decomposition and changes the base weights:
+    OUTPUT/residual_model holds that residual base; train and merge on it
+    (PeftModel.from_pretrained(OUTPUT/residual_model, OUTPUT, is_trainable=True)).
     """
     from .apply import apply_to_directory, read_provenance
+    from .corda_state import is_corda_state
 
+    if is_corda_state(state_path):
+        _apply_corda(state_path, output, load_4bit or load_8bit, **options)
+        return
     if load_4bit and load_8bit:
         raise click.UsageError("--load-in-4bit and --load-in-8bit exclude each other")
     quantization = "4bit" if load_4bit else "8bit" if load_8bit else None
@@ -185,6 +201,22 @@ def apply_command(state_path: str, output: str, load_4bit: bool, load_8bit: bool
     click.echo(f"wrote {path} for a {built['class']} (PEFT task {built['task_type']}): {len(ranks)} LoRA layers "
                f"(rank {min(ranks)}-{max(ranks)}, total {sum(ranks)}), {len(state.ranks) - len(ranks)} at rank 0 "
                "left without an adapter")
+
+
+def _apply_corda(state_path: str, output: str, quantized: bool, *, kind: str | None, num_labels: int | None,
+                 use_dora: bool, use_rslora: bool, seed: int, **options) -> None:
+    """`evapipe apply` of a CorDA state: the adapter plus the residual model it trains on."""
+    from .corda_apply import RESIDUAL_DIR, apply_corda_to_directory
+
+    unsupported = [flag for flag, on in (("--load-in-4bit/--load-in-8bit", quantized), ("--kind", kind),
+                                         ("--num-labels", num_labels), ("--use-dora", use_dora),
+                                         ("--use-rslora", use_rslora)) if on]
+    if unsupported:
+        raise click.UsageError(f"{', '.join(unsupported)} are not supported for CorDA states (CorDA changes the float "
+                               "base weights of the model it was computed on)")
+    path, state = apply_corda_to_directory(state_path, output, **options)
+    click.echo(f"wrote {path}: CorDA {state.meta['corda_method']} adapter, {len(state.layers)} LoRA layers at rank "
+               f"{state.meta['r']}, and {path / RESIDUAL_DIR} (the residual base model: train and merge on it)")
 
 
 @main.command("check")

@@ -162,6 +162,36 @@ class EvaSettings:
     )
 
 
+CordaMethod = Literal["ipm", "kpm"]
+
+
+@dataclass
+class CordaSettings:
+    r: int = _f(8, "LoRA rank of every target layer (PEFT's LoraConfig.r).")
+    lora_alpha: float = _f(8.0, "LoRA alpha (PEFT's LoraConfig.lora_alpha; scaling = alpha / r), used by `evapipe apply`.")
+    target_modules: list[str] | str = _f(
+        "all-linear",
+        "Layers whose input covariance and CorDA decomposition are computed: module name suffixes (list), a regex "
+        "(full match), or `all-linear` (every nn.Linear / Conv1D but the output head), as eva.target_modules.",
+    )
+    corda_method: CordaMethod = _f(
+        "ipm",
+        "PEFT's CordaConfig.corda_method: `ipm` (instruction-previewed) keeps the r largest singular directions of "
+        "W times the covariance as the adapter, `kpm` (knowledge-preserved) the r smallest.",
+    )
+    covariance_file: str | None = _f(
+        None,
+        "Also write every layer's covariance here as PEFT's CordaConfig.covariance_file reads it (torch.save of "
+        "{module name: matrix}); as large as the targets' in_features squared, float32. With several processes "
+        "the folder must be one every process can write (each writes its part, rank 0 joins them).",
+    )
+    cache_file: str | None = _f(
+        None,
+        "Also write the decomposition here as PEFT's CordaConfig.cache_file reads it (torch.save of "
+        "{`<module>.eigens.S_WC|U_WC|V_WC`: tensor}): PEFT's preprocess_corda given it skips its own pass.",
+    )
+
+
 @dataclass
 class OutputConfig:
     path: str | None = _f("eva.safetensors", "Where the state file goes (written atomically).")
@@ -195,9 +225,16 @@ class HooksConfig:
 @dataclass
 class JobConfig:
     task: str = _f("default", "Name of the task the state serves (recorded in the state; the store groups by it).")
+    method: Literal["eva", "corda"] = _f(
+        "eva",
+        "Which initialisation the job computes: `eva` (the `eva` section) or `corda` (PEFT's CorDA, the `corda` "
+        "section: every target layer's input covariance over one pass of the data and its decomposition; with it "
+        "the default output.path eva.safetensors becomes corda.safetensors).",
+    )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The base model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The task data."})
     eva: EvaSettings = field(default_factory=EvaSettings, metadata={"help": "EVA settings."})
+    corda: CordaSettings = field(default_factory=CordaSettings, metadata={"help": "CorDA settings (method: corda)."})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Where results go."})
     distributed: DistributedConfig = field(default_factory=DistributedConfig, metadata={"help": "Multi-process."})
     hooks: HooksConfig = field(default_factory=HooksConfig, metadata={"help": "Custom forward/input hooks."})
@@ -312,7 +349,10 @@ def _validate(cfg: JobConfig) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"`{key}` {msg}")
-    check_stopping(e)
+    if cfg.method == "corda":
+        _validate_corda(cfg)
+    else:
+        check_stopping(e)
     if isinstance(e.target_modules, list) and not e.target_modules and not e.target_parameters:
         raise ConfigError("`eva.target_modules` is an empty list (and no eva.target_parameters are set)")
     if e.target_parameters is not None and not all(p.strip() for p in e.target_parameters):
@@ -322,6 +362,28 @@ def _validate(cfg: JobConfig) -> None:
     for pattern, key in regexes:
         if isinstance(pattern, str):
             _check_regex(pattern, key)
+
+
+def _validate_corda(cfg: JobConfig) -> None:
+    """What CorDA needs besides its section: float weights held whole on each process, and the plain forward."""
+    c, m, h = cfg.corda, cfg.model, cfg.hooks
+    checks = [
+        (c.r >= 1, "corda.r", f"must be >= 1, got {c.r}"),
+        (c.lora_alpha > 0, "corda.lora_alpha", f"must be > 0, got {c.lora_alpha}"),
+        (not (isinstance(c.target_modules, list) and not c.target_modules), "corda.target_modules",
+         "is an empty list"),
+        (m.quantization is None, "model.quantization",
+         "is not supported with method: corda (CorDA decomposes the float weights, as PEFT requires); load the model "
+         "in float32, bfloat16 or float16"),
+        (h.prepare_model_inputs_fn is None and h.prepare_layer_inputs_fn is None, "hooks.prepare_layer_inputs_fn",
+         "(and prepare_model_inputs_fn) are EVA's token selection; method: corda takes every attended token of each "
+         "sample, as PEFT's preprocess_corda does (hooks.forward_fn is honoured)"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"`{key}` {msg}")
+    if isinstance(c.target_modules, str):
+        _check_regex(c.target_modules, "corda.target_modules")
 
 
 def plain_name(name: str) -> bool:

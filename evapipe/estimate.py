@@ -48,6 +48,9 @@ class JobEstimate:
 
 def estimate(cfg: JobConfig, world: int = 1) -> JobEstimate:
     """The memory cfg's job needs per process (of `world`) in each offload mode."""
+    if cfg.method != "eva":
+        raise ConfigError(f"`evapipe estimate` estimates EVA jobs; a method: {cfg.method} job needs the model plus "
+                          "in_features^2 float32 per covariance group, divided over processes (docs/other-methods.md)")
     import torch
     from transformers import AutoConfig
 

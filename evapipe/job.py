@@ -69,11 +69,14 @@ def setup_logging(rank: int) -> None:
 
 def output_paths(cfg: JobConfig, key: str) -> list[Path]:
     """Where the state goes: the store entry (when output.store is set) first, then output.path."""
-    from .store import STATE_FILE, state_dir
+    from .store import STATE_FILE, state_dir, state_file
 
-    paths = [state_dir(cfg.output.store, cfg, key) / STATE_FILE] if cfg.output.store else []
-    if cfg.output.path and Path(cfg.output.path).resolve() not in [p.resolve() for p in paths]:
-        paths.append(Path(cfg.output.path))
+    paths = [state_dir(cfg.output.store, cfg, key) / state_file(cfg)] if cfg.output.store else []
+    path = cfg.output.path
+    if path == STATE_FILE and cfg.method != "eva":  # the default output.path names EVA's file
+        path = state_file(cfg)
+    if path and Path(path).resolve() not in [p.resolve() for p in paths]:
+        paths.append(Path(path))
     return paths
 
 
@@ -81,13 +84,14 @@ def cached_result(key: str, paths: list[Path], start: float) -> JobResult | None
     """A store hit for this job (copied to output.path too), or None. Reads file headers only: no torch import."""
     import shutil
 
-    from .state import atomic_write, read_metadata, spectrum_path
+    from .corda_state import read_state_metadata
+    from .state import atomic_write, spectrum_path
     from .store import lookup
 
     hit = lookup(paths[0], key)
     if hit is None:
         return None
-    meta = read_metadata(hit)
+    meta = read_state_metadata(hit)
     log.info("cache hit: %s already holds this job's state (task %s, model %s, r=%s, rho=%s, computed %s); "
              "no forward pass. --force recomputes it.", hit, meta["task"], (meta.get("model") or {}).get("id"),
              meta["r"], meta.get("rho"), meta.get("created"))
@@ -122,7 +126,12 @@ def plan_job(cfg: JobConfig, force: bool, start: float, waiting: Callable[[], No
     lock = acquire(lock_path(cfg.output.store, cfg, job["key"]), f"store key {job['key']}", waiting,
                    min(POLL_S, cfg.distributed.timeout_s / 4))
     try:
-        return Plan(job, paths, None if force else cached_result(job["key"], paths, start)), lock
+        cached = None if force else cached_result(job["key"], paths, start)
+        if cached is not None and cfg.method == "corda":
+            from .corda_job import serve_cache_hit
+
+            serve_cache_hit(cfg, cached.path)
+        return Plan(job, paths, cached), lock
     except BaseException:
         lock.release()
         raise
@@ -173,7 +182,10 @@ def run_job(cfg: JobConfig, show_progress: bool = True, force: bool = False, res
                 return plan.cached
         from .distributed import local_device
 
-        return _compute(cfg, comm, local_device(cfg.model.device), plan.job, plan.paths, show_progress, restart, start)
+        compute = _compute
+        if cfg.method == "corda":
+            from .corda_job import compute_corda as compute
+        return compute(cfg, comm, local_device(cfg.model.device), plan.job, plan.paths, show_progress, restart, start)
     finally:
         if lock is not None:
             lock.release()
@@ -226,18 +238,24 @@ def _load(cfg: JobConfig, comm: Comm, device: torch.device) -> _Loaded:
 
 def _provenance(cfg: JobConfig, job: dict[str, Any], loaded: _Loaded) -> dict[str, Any]:
     """The metadata a job adds to the engine's: task, store key, where the model and the data came from."""
+    return provenance(cfg, job, loaded.run.source.model, loaded.kind, loaded.rows, loaded.fingerprint)
+
+
+def provenance(cfg: JobConfig, job: dict[str, Any], model: torch.nn.Module, kind: str, rows: TaskRows,
+               fingerprint: str | None) -> dict[str, Any]:
+    """Task, store key, where the model and the data came from: what every method's state records."""
     from .models import model_info
 
-    model = model_info(loaded.run.source.model, cfg.model.name_or_path, cfg.model.revision)
+    info = model_info(model, cfg.model.name_or_path, cfg.model.revision)
     d = cfg.data
     return {
         "task": cfg.task,
         "store_key": job["key"],
-        "model": model | {"dtype": cfg.model.dtype, "quantization": cfg.model.quantization, "kind": loaded.kind},
+        "model": info | {"dtype": cfg.model.dtype, "quantization": cfg.model.quantization, "kind": kind},
         "dataset": {
             "id": d.path, "name": d.name, "revision": d.revision, "split": d.split, "streaming": d.streaming,
-            "samples": loaded.rows.samples(), "skipped_null_rows": loaded.rows.skipped,
-            "fingerprint": loaded.fingerprint, "max_length": d.max_length,
+            "samples": rows.samples(), "skipped_null_rows": rows.skipped,
+            "fingerprint": fingerprint, "max_length": d.max_length,
         },
     }
 

@@ -54,8 +54,25 @@ def versions(*packages: str) -> dict[str, str]:
     return {"evapipe": __version__} | {p: importlib.import_module(p).__version__ for p in ("torch", *packages)}
 
 
+class MetaRecord:
+    """A metadata dataclass (with an `extra` field) as a state stores it: unknown keys are kept in `extra` and
+    written back unchanged."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form a state file stores."""
+        out = asdict(self)
+        return out | out.pop("extra")
+
+    @classmethod
+    def from_dict(cls, meta: Mapping[str, Any]) -> Any:
+        """Read parsed (migrated) metadata; unknown keys go to `extra`."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in meta.items() if k in known},
+                   extra={k: v for k, v in meta.items() if k not in known})
+
+
 @dataclass
-class StateMeta:
+class StateMeta(MetaRecord):
     """Everything a state file says besides its tensors. Per-layer maps are keyed by module name."""
 
     r: int
@@ -98,18 +115,6 @@ class StateMeta:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys of other producers (source, rebudgeted_from, ...)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready form a state file stores (and `EvaState.meta` holds)."""
-        out = asdict(self)
-        return out | out.pop("extra")
-
-    @classmethod
-    def from_dict(cls, meta: Mapping[str, Any]) -> StateMeta:
-        """Read migrated metadata (see `migrate`); unknown keys go to `extra`."""
-        known = {f.name for f in fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in meta.items() if k in known},
-                   extra={k: v for k, v in meta.items() if k not in known})
 
     def with_patterns(self) -> StateMeta:
         """rank_pattern / alpha_pattern (PEFT semantics) recomputed from ranks, layer_r and layer_alpha."""

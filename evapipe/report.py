@@ -36,6 +36,18 @@ def layer_table(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def corda_table(meta: dict[str, Any]) -> str:
+    """`evapipe show` of a CorDA state: per layer its rank, shape, samples and the singular values kept."""
+    ranks = meta["ranks"]
+    width = max(len(n) for n in ranks)
+    lines = [f"{'layer':<{width}}  rank  in x out      samples  tokens"]
+    for name, rank in ranks.items():
+        shape = f"{meta['in_features'][name]} x {meta['out_features'][name]}"
+        lines.append(f"{name:<{width}}  {rank:>4}  {shape:<11}  {meta['samples'].get(name, 0):>7}  "
+                     f"{meta['layer_tokens'].get(name, 0)}")
+    return "\n".join(lines)
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -70,15 +82,15 @@ def job_summary(state: Any, rank_stats: Sequence[Any], seconds: float, path: Pat
 def store_table(entries: Sequence[Any]) -> str:
     """`evapipe list`: one line per state (store.StoreEntry), unreadable ones with their error."""
     if not entries:
-        return "no EVA states found"
-    head = ("task", "model", "r", "rho", "total rank", "tokens", "created", "size", "path")
+        return "no states found"
+    head = ("task", "model", "r", "rho", "total rank", "tokens", "created", "size", "method", "path")
     rows = []
     for e in entries:
         if e.error:
-            rows.append(("?", "?", "", "", "", "", "", _size(e.size), f"{e.path}  UNREADABLE: {e.error}"))
+            rows.append(("?", "?", "", "", "", "", "", _size(e.size), "", f"{e.path}  UNREADABLE: {e.error}"))
             continue
         rows.append((e.task, e.model, e.r, "" if e.rho is None else f"{e.rho:g}", e.total_rank,
-                     "" if e.tokens is None else e.tokens, e.created or "", _size(e.size), e.path))
+                     "" if e.tokens is None else e.tokens, e.created or "", _size(e.size), e.method, e.path))
     cells = [[str(c) for c in row] for row in [head, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(head) - 1)]
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[-1]]) for row in cells)

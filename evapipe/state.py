@@ -44,12 +44,11 @@ DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 
 @dataclass
-class EvaState:
-    """An EVA result: A inits per layer (rank > 0 only), every layer's rank, and the metadata."""
+class LayerState:
+    """What every method's state is: tensors and metadata whose `ranks` names the target layers."""
 
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
-    spectrum: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -58,6 +57,13 @@ class EvaState:
     @property
     def layers(self) -> list[str]:
         return list(self.meta["ranks"])
+
+
+@dataclass
+class EvaState(LayerState):
+    """An EVA result: A inits per layer (rank > 0 only), every layer's rank, and the metadata."""
+
+    spectrum: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def rank_pattern(self) -> dict[str, int]:
@@ -341,6 +347,14 @@ def _check_layout(header: dict[str, Any], data_size: int) -> None:
         raise ValueError(f"tensor data ends at byte {end}, the file holds {data_size}")
 
 
+def parse_metadata(raw: Mapping[str, str], path: str | Path, text_keys: tuple[str, ...] = TEXT_KEYS) -> dict[str, Any]:
+    """A header's string metadata parsed (JSON but for `text_keys`), without its checksum entry."""
+    try:
+        return {k: (v if k in text_keys else json.loads(v)) for k, v in raw.items() if k != CHECKSUM_KEY}
+    except (ValueError, RecursionError) as err:
+        raise StateError(f"{path}: metadata is corrupt ({err})") from None
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Parsed metadata of a state file, checked and migrated to this version, without reading its tensors."""
     path = Path(path)
@@ -348,11 +362,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     raw = header.get("__metadata__") or {}
     if raw.get("format") != FORMAT:
         raise StateError(f"{path} is a safetensors file but not an evapipe EVA state (format={raw.get('format')!r})")
-    try:
-        meta = {k: (v if k in TEXT_KEYS else json.loads(v)) for k, v in raw.items() if k != CHECKSUM_KEY}
-    except (ValueError, RecursionError) as err:
-        raise StateError(f"{path}: metadata is corrupt ({err})") from None
-    meta = migrate(meta, path)  # refuses newer and unknown versions first, naming them
+    meta = migrate(parse_metadata(raw, path), path)  # refuses newer and unknown versions first, naming them
     _checksums(raw, path)
     check_layers(meta, path)
     _check_tensor_entries(header, meta, path)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataConfig, JobConfig, ModelConfig
+from .corda_state import CORDA_FORMAT, read_state_metadata
 from .errors import ConfigError, StateError
 from .sources import (
     VOLATILE_CONFIG_KEYS,
@@ -33,11 +34,12 @@ from .sources import (
     resolve_data_path,
     resolve_model_path,
 )
-from .state import FORMAT, read_header, read_metadata, spectrum_path
+from .state import FORMAT, read_header, spectrum_path
 
 log = logging.getLogger("evapipe")
 
 STATE_FILE = "eva.safetensors"
+STATE_FILES = {"eva": STATE_FILE, "corda": "corda.safetensors"}  # a store entry's file, per method
 KEY_LENGTH = 12
 CONTENT_HASH_LIMIT = 16 * 2**20  # model-folder files up to this size are hashed by content, larger by size + mtime
 # config fields that do not change the computed state (batch_size enters as the global batch instead)
@@ -102,8 +104,19 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# data fields that only order or group the samples: a CorDA covariance sums every sample of one pass
+ORDER_FIELDS = ("global_batch", "shuffle", "seed", "shuffle_buffer", "streaming")
+CORDA_KEY_IGNORES = ("covariance_file", "cache_file")  # where copies go, not what is computed
+
+
 def key_parts(cfg: JobConfig, world: int | None = None) -> dict[str, Any]:
-    """What the store key hashes, section by section (readable, so a changed key can be explained)."""
+    """What the store key hashes, section by section (readable, so a changed key can be explained). An EVA job's
+    parts have no `method` entry, so the keys of existing EVA configs stay what they were."""
+    if cfg.method == "corda":
+        corda = {k: v for k, v in dataclasses.asdict(cfg.corda).items() if k not in CORDA_KEY_IGNORES}
+        data = {k: v for k, v in data_part(cfg.data, world or world_size()).items() if k not in ORDER_FIELDS}
+        return {"method": "corda", "model": model_part(cfg.model), "data": data, "corda": corda,
+                "hooks": {"forward_fn": hook_identity(cfg.hooks.forward_fn)}}
     eva = {k: v for k, v in dataclasses.asdict(cfg.eva).items() if k not in IGNORED_FIELDS["eva"]}
     return {
         "model": model_part(cfg.model),
@@ -163,6 +176,11 @@ def model_slug(name_or_path: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("/", "--")).strip("-.") or "model"
 
 
+def state_file(cfg: JobConfig) -> str:
+    """The file name of a job's state in its store entry (`eva.safetensors`, `corda.safetensors`)."""
+    return STATE_FILES[cfg.method]
+
+
 def state_dir(store: str | Path, cfg: JobConfig, key: str) -> Path:
     from .config import plain_name
 
@@ -185,7 +203,7 @@ def lookup(path: Path, key: str) -> Path | None:
     if not path.is_file():
         return None
     try:
-        meta = read_metadata(path)
+        meta = read_state_metadata(path)
     except StateError as err:
         log.warning("the stored state %s is unreadable (%s); keeping it as %s and computing it again", path, err,
                     set_aside(path).name)
@@ -219,18 +237,19 @@ class StoreEntry:
     size: int = 0
     key: str | None = None
     error: str | None = None
+    method: str = "eva"
 
 
 def _is_foreign(path: Path) -> bool:
-    """A readable safetensors file that is not an EVA state (model weights, a spectrum sidecar ...)."""
+    """A readable safetensors file that is not a state (model weights, a spectrum sidecar ...)."""
     try:
-        return (read_header(path).get("__metadata__") or {}).get("format") != FORMAT
+        return (read_header(path).get("__metadata__") or {}).get("format") not in (FORMAT, CORDA_FORMAT)
     except StateError:
         return False
 
 
 def list_states(directory: str | Path) -> list[StoreEntry]:
-    """Every EVA state under `directory` (a store or any folder), sorted by task, model and creation time.
+    """Every state (EVA or CorDA) under `directory` (a store or any folder), sorted by task, model and creation time.
 
     Unreadable states are listed with their error; other safetensors files, hidden folders, checkpoints
     (`*.zarr`) and temporary files are skipped.
@@ -247,7 +266,7 @@ def list_states(directory: str | Path) -> list[StoreEntry]:
             path = Path(root) / name
             size = path.stat().st_size + (spectrum_path(path).stat().st_size if spectrum_path(path).is_file() else 0)
             try:
-                meta = read_metadata(path)
+                meta = read_state_metadata(path)
             except StateError as err:
                 if not _is_foreign(path):
                     entries.append(StoreEntry(path, size=size, error=str(err)))
@@ -255,6 +274,6 @@ def list_states(directory: str | Path) -> list[StoreEntry]:
             entries.append(StoreEntry(
                 path, task=meta.get("task"), model=(meta.get("model") or {}).get("id"), r=meta.get("r"),
                 rho=meta.get("rho"), total_rank=sum(int(v) for v in meta["ranks"].values()), tokens=meta.get("tokens"),
-                created=meta.get("created"), size=size, key=meta.get("store_key"),
+                created=meta.get("created"), size=size, key=meta.get("store_key"), method=meta.get("method", "eva"),
             ))
     return sorted(entries, key=lambda e: (e.task or "", e.model or "", e.created or "", str(e.path)))

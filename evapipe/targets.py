@@ -52,10 +52,11 @@ def _matches(spec: list[str] | str, name: str) -> bool:
 
 
 def resolve_targets(
-    model: nn.Module, target_modules: list[str] | str, exclude_modules: list[str] | str | None = None
+    model: nn.Module, target_modules: list[str] | str, exclude_modules: list[str] | str | None = None,
+    key: str = "eva.target_modules",
 ) -> list[Target]:
-    """Target layers in model order; an entry that matches nothing is an error that lists near names. An empty list
-    is no layer (a job that targets only expert parameters)."""
+    """Target layers in model order; an entry that matches nothing is an error that lists near names (naming the
+    config `key` they came from). An empty list is no layer (a job that targets only expert parameters)."""
     if isinstance(target_modules, list) and not target_modules:
         return []
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
@@ -73,19 +74,19 @@ def resolve_targets(
             found.append(Target(name, shape[0], shape[1]))
     left_in = " that eva.exclude_modules leaves in" if exclude_modules else ""
     if isinstance(target_modules, list):
-        for key in target_modules:
-            if not any(_matches([key], t.name) for t in found):
+        for entry in target_modules:
+            if not any(_matches([entry], t.name) for t in found):
                 suffixes = sorted({n.split(".")[-1] for n in linear_names} | {".".join(n.split(".")[-2:]) for n in linear_names})
-                hint = difflib.get_close_matches(key, suffixes, n=3, cutoff=0.4)
+                hint = difflib.get_close_matches(entry, suffixes, n=3, cutoff=0.4)
                 raise ConfigError(
-                    f"`eva.target_modules` entry `{key}` matches no linear layer of the model{left_in}"
+                    f"`{key}` entry `{entry}` matches no linear layer of the model{left_in}"
                     + (f" (closest: {', '.join(hint)})" if hint else f"; linear layers end in: {', '.join(suffixes[:12])}")
                 )
     if not found:
         # a regex gets the nearest full names (what it is matched against), so the user sees what to write
         hint = [] if all_linear else difflib.get_close_matches(target_modules, linear_names, n=3, cutoff=0.0)
         raise ConfigError(
-            f"`eva.target_modules` {target_modules!r} matches no linear layer of the model{left_in}"
+            f"`{key}` {target_modules!r} matches no linear layer of the model{left_in}"
             + (f" (closest: {', '.join(hint)})" if hint else "")
         )
     return found
