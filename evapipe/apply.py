@@ -439,7 +439,15 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
 def read_provenance(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """The evapipe.json of an adapter directory ({} for an adapter evapipe did not write)."""
     path = Path(adapter_dir) / PROVENANCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        provenance = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StateError(f"{path} is not valid JSON ({err}); write the adapter again (evapipe apply)") from None
+    if not isinstance(provenance, dict):
+        raise StateError(f"{path} holds a {type(provenance).__name__}, not evapipe's provenance mapping")
+    return provenance
 
 
 def _drop_eva_config(path: Path) -> None:

@@ -40,7 +40,7 @@ def main() -> None:
 
 
 @click.command("compute")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--config", "config_path", required=True, type=click.Path(),
               help="YAML job config (see configs/default.yaml and `evapipe config-reference`).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. --set eva.r=16 --set data.batch_size=4 (value parsed as YAML).")
@@ -92,7 +92,7 @@ main.add_command(compute_command)
 
 
 @main.command("estimate")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--config", "config_path", required=True, type=click.Path(),
               help="YAML job config; only its model's config.json is read, never the weights.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, as in compute.")
 @click.option("--device-memory", default=None, metavar="SIZE",
@@ -114,9 +114,9 @@ def estimate_command(config_path: str, overrides: tuple[str, ...], device_memory
 
 
 @main.command("show")
-@click.argument("state_path", type=click.Path(dir_okay=False))
+@click.argument("state_path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON instead of a table.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", type=click.Path(), default=None,
               help="Also write a figure (PNG) of rank per layer and explained variance kept (needs matplotlib).")
 def show_command(state_path: str, as_json: bool, plot: str | None) -> None:
     """Print a state's per-layer rank / explained-variance / convergence table (alias: inspect)."""
@@ -171,10 +171,10 @@ def _model_options(func):
 
 
 @main.command("apply")
-@click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--state", "state_path", required=True, type=click.Path(),
               help="EVA state file written by `evapipe compute`.")
 @_model_options
-@click.option("--output", required=True, type=click.Path(file_okay=False),
+@click.option("--output", required=True, type=click.Path(),
               help="Adapter directory to write (adapter_config.json + adapter_model.safetensors + evapipe.json).")
 @click.option("--use-dora", is_flag=True,
               help="DoRA adapter: its magnitude vector starts at the base weight's norms, so outputs still equal "
@@ -220,7 +220,7 @@ def apply_command(state_path: str, output: str, load_4bit: bool, load_8bit: bool
 
 
 @main.command("check")
-@click.option("--adapter", "adapter_dir", required=True, type=click.Path(file_okay=False, exists=True),
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(),
               help="PEFT adapter directory (e.g. written by `evapipe apply`).")
 @_model_options
 def check_command(adapter_dir: str, **options) -> None:
@@ -238,7 +238,7 @@ def check_command(adapter_dir: str, **options) -> None:
 
 
 @main.command("list")
-@click.argument("directory", required=False, type=click.Path(file_okay=False))
+@click.argument("directory", required=False, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
 def list_command(directory: str | None, as_json: bool) -> None:
     """List the EVA states in a store (or any folder): task, model, r, rho, total rank, tokens, created, size.
@@ -259,10 +259,10 @@ def list_command(directory: str | None, as_json: bool) -> None:
 
 
 @main.command("rebudget")
-@click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False), help="State to re-budget.")
+@click.option("--state", "state_path", required=True, type=click.Path(), help="State to re-budget.")
 @click.option("--r", "r", required=True, type=int, help="New rank per layer before redistribution.")
 @click.option("--rho", type=float, default=None, help="New redistribution factor (default: the state's).")
-@click.option("--output", required=True, type=click.Path(dir_okay=False), help="Where the new state goes.")
+@click.option("--output", required=True, type=click.Path(), help="Where the new state goes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file at --output.")
 def rebudget_command(state_path: str, r: int, rho: float | None, output: str, overwrite: bool) -> None:
     """Redistribute a state's ranks for another budget from its stored spectrum, without a forward pass."""
@@ -275,8 +275,8 @@ def rebudget_command(state_path: str, r: int, rho: float | None, output: str, ov
 
 
 @main.command("convert")
-@click.argument("src", type=click.Path(dir_okay=False))
-@click.argument("dst", type=click.Path(dir_okay=False))
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
 @click.option("--no-prefix", is_flag=True,
               help="Writing PEFT: plain base-model keys instead of `base_model.model.` ones.")
 @click.option("--r", "r", type=int, default=None, help="Reading PEFT: the LoraConfig r it was computed with (required).")
