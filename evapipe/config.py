@@ -385,7 +385,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path} is empty: no job to run; start from a copy of configs/default.yaml")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections")
-    return config_from_dict(raw, overrides)
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def _yaml_problem(err: Exception) -> str:
