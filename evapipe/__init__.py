@@ -5,12 +5,14 @@ Python API (each CLI command wraps one of these):
     run_job(load_config("cfg.yaml"))                          -> JobResult  (the config-driven job)
     load_state(path) / read_metadata(path)                     -> EvaState / dict
     apply_eva_state(model, state)                              -> trainable PeftModel (lora_A = state, lora_B = 0)
+    apply_eva_state(model, state, baseline=True)               -> the same adapter, PEFT's default init (A/B baseline)
     apply_to_directory(state_path, output, model)              -> PEFT adapter directory (`evapipe apply`)
     check_adapter_dir(adapter_dir, model)                      -> AdapterFit, or why it would not load (`evapipe check`)
     to_peft_state_dict(state)                                  -> dict for PEFT's initialize_lora_eva_weights
     list_states(store_dir)                                     -> StoreEntry list (`evapipe list`)
     rebudget(state, r, rho) / rebudget_file(src, dst, r, rho)  -> EvaState (`evapipe rebudget`)
     convert_file(src, dst, r=...)                              -> EvaState (`evapipe convert`)
+    quiet_dependencies()                                       -> dependencies' own progress bars and warnings off
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _EXPORTS = {
     "apply_eva_state": "apply", "apply_to_directory": "apply", "to_peft_state_dict": "apply",
     "check_adapter_dir": "adapter_check",
     "list_states": "store", "rebudget": "rebudget", "rebudget_file": "rebudget", "convert_file": "convert",
+    "quiet_dependencies": "quiet",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -12,6 +12,8 @@ that reads it, hence environment variables and logger levels, set once when a co
   an optional gemm_4bit kernel from the Hub through `kernels` at import, and both log a warning when that fails
   offline ("Skipping publisher trust check ...", "Failed to load CPU gemm_4bit_forward ..."); bitsandbytes then
   uses its own kernel. Their loggers are set to ERROR.
+* matplotlib (`evapipe show --plot`): "Matplotlib is building the font cache" on a first run, from its
+  font_manager logger, also set to ERROR.
 
 Only defaults are set: a variable the user has set, or a logger level they chose, is kept.
 """
@@ -27,8 +29,8 @@ QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "DATASETS_VERBOSITY": "error",
 }
-# loggers of optional-kernel lookups that fail harmlessly (see the module docstring)
-QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+# loggers whose warnings are about the dependency's own housekeeping (see the module docstring)
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub", "matplotlib.font_manager")
 
 
 def quiet_dependencies() -> None:
