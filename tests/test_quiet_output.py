@@ -108,3 +108,27 @@ def test_every_other_command_prints_only_its_result(computed, tmp_path):
         done = run(tmp_path, *args)
         assert done.stderr == "", (args[0], done.stderr)
         assert done.stdout == CliRunner().invoke(main, args).stdout, args[0]
+
+
+def test_quiet_dependencies_keeps_what_the_user_chose(monkeypatch):
+    import logging
+
+    from evapipe.quiet import QUIET_ENV, QUIET_LOGGERS, quiet_dependencies
+
+    for key in QUIET_ENV:  # restored after the test
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
+    chosen, fresh = (logging.getLogger(n) for n in QUIET_LOGGERS[:2])
+    monkeypatch.setattr(chosen, "level", logging.INFO)
+    monkeypatch.setattr(fresh, "level", logging.NOTSET)
+    quiet_dependencies()
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == "info"
+    assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == QUIET_ENV["HF_DATASETS_DISABLE_PROGRESS_BARS"]
+    assert chosen.level == logging.INFO and fresh.level == logging.ERROR
+
+
+def test_both_compute_entry_points_document_the_streams():
+    """`evapipe compute` and `python -m evapipe.compute` (the same click command) say where results go."""
+    for run_ in (CliRunner().invoke(main, ["compute", "--help"]),
+                 CliRunner().invoke(main.commands["compute"], ["--help"], prog_name="python -m evapipe.compute")):
+        assert all(word in run_.output for word in ("--json", "--quiet", "stdout", "stderr")), run_.output
