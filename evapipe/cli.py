@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from .config import MODEL_KINDS
 from .errors import EvapipeError
 from .quiet import quiet_dependencies
+
+if TYPE_CHECKING:
+    from .job import JobResult
 
 
 class _Group(click.Group):
@@ -78,7 +82,7 @@ def compute_command(config_path: str, overrides: tuple[str, ...], no_progress: b
         sys.exit(2)
 
 
-def _job_output(result, as_json: bool) -> str:
+def _job_output(result: JobResult, as_json: bool) -> str:
     """The compute job's result as `evapipe compute` prints it (a cache hit's from its file's metadata)."""
     from .report import job_record, job_summary
     from .state import read_metadata
