@@ -100,3 +100,38 @@ def test_cli_baseline_writes_the_same_adapter_config(state_path, tmp_path):
             assert not tensor.any()
         elif "lora_A" in key:
             assert not torch.allclose(tensor, eva[key])
+
+
+def test_baseline_keeps_expert_parameters_with_peft_default_init(tiny_model_dir, support_texts):
+    """Mixture-of-experts: the same target_parameters and ranks, PEFT's own init of the expert lora_A blocks."""
+    from peft import get_peft_model
+    from peft.tuners.lora.layer import ParamWrapper
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import text_batches
+    from evapipe import EvaSettings, compute_eva_state
+
+    path = tiny_model_dir("mixtral")
+    tok = AutoTokenizer.from_pretrained(path)
+    settings = EvaSettings(r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"],
+                           max_batches=2, on_unconverged="warn")
+    state = compute_eva_state(AutoModelForCausalLM.from_pretrained(path).eval(),
+                              text_batches(tok, support_texts, 6, 2), settings, show_progress=False)
+    eva = apply_eva_state(AutoModelForCausalLM.from_pretrained(path), state)
+    torch.manual_seed(3)
+    baseline = apply_eva_state(AutoModelForCausalLM.from_pretrained(path), state, baseline=True)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    reference = get_peft_model(model, lora_config_for(state, model))
+    assert eva.peft_config["default"].to_dict() == baseline.peft_config["default"].to_dict()
+    assert trainable(eva) == trainable(baseline)
+
+    def wrappers(m):
+        return {n: w for n, w in m.get_base_model().named_modules() if isinstance(w, ParamWrapper)}
+
+    ours, theirs, evas = wrappers(baseline), wrappers(reference), wrappers(eva)
+    assert ours and set(ours) == set(theirs) == set(evas)
+    for name, w in ours.items():
+        assert torch.equal(w.lora_A["default"].weight, theirs[name].lora_A["default"].weight)
+        assert not torch.equal(w.lora_A["default"].weight, evas[name].lora_A["default"].weight)
+        assert not w.lora_B["default"].weight.any()
