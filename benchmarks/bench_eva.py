@@ -43,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-MINILM_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+MINILM_TARGETS = ["query", "key", "value", "intermediate.dense", "output.dense"]  # output.dense: attention.output.dense too
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ABLATIONS = ("early-stop", "skip-converged", "dedup", "batched", "warm-power")
 

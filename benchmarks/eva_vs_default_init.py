@@ -7,16 +7,19 @@ Task: all-MiniLM-L6-v2 (the packaged copy) as a 6-way sequence classifier (AutoM
 new classifier head trained in modules_to_save) on evapipe's support_intents.jsonl (360 messages); accuracy and
 loss on support_intents_heldout.jsonl (120 messages, no overlap).
 
-Both runs share everything but lora_A: the same base and head init (same seed), the same LoraConfig (EVA's
-per-layer ranks and alphas, from `lora_config_for(state)`), the same batches in the same order, the same dropout
-draws, optimizer (AdamW, constant lr) and steps. EVA run: A = the EVA components (`apply_eva_state`). Default run:
-A = PEFT's Kaiming-uniform init (`init_lora_weights=True`). B = 0 in both, so both start from the same outputs.
+Both runs share everything but lora_A: the same base and head init (same seed), the same adapter (EVA's
+per-layer ranks and alphas, so the same trainable parameters), the same batches in the same order, the same dropout
+draws, optimizer (AdamW, constant lr) and steps. EVA run: A = the EVA components (`apply_eva_state(model, state)`).
+Default run: A = PEFT's Kaiming-uniform init (`apply_eva_state(model, state, baseline=True)`, what
+`evapipe apply --baseline` writes). B = 0 in both, so both start from the same outputs.
 The EVA state is computed once, first, with the settings of configs/default.yaml (r=8, rho=2, tau=0.99, the six
 attention/MLP linears of every layer) on the training texts, on the same classifier model (the head, which is not
 a target and comes after every target, does not change it). Seeds vary the head init, batch order and dropout.
 
-Prints the training-loss curves (per step, and a 10-step running mean), held-out loss/accuracy at a few points and
-at the end, and writes a PNG plot and the raw numbers (JSON) to --out.
+Prints the training-loss curves (per step, and a 10-step running mean), held-out loss/accuracy at every
+--eval-every steps and at the end, the area under the held-out accuracy curve (AUC: its mean over the steps, by the
+trapezoid rule) and the final accuracy; writes a PNG plot of both curves (training loss, held-out accuracy) and the
+raw numbers (JSON) to --out.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from evapipe.quiet import quiet_dependencies  # noqa: E402
+
+quiet_dependencies()  # before transformers / peft are imported
 REPO = Path(__file__).resolve().parent.parent
 SMOOTH = 10  # running-mean window for the printed curves
 
@@ -133,24 +139,33 @@ def running_mean(xs: list[float], k: int = SMOOTH) -> list[float]:
     return [sum(xs[max(0, i - k + 1) : i + 1]) / len(xs[max(0, i - k + 1) : i + 1]) for i in range(len(xs))]
 
 
+def accuracy_auc(heldout: dict[int, tuple[float, float]]) -> float:
+    """Area under held-out accuracy over steps, divided by the steps (trapezoid rule): 1.0 is right from the start."""
+    steps = sorted(heldout)
+    area = sum((b - a) * (heldout[a][1] + heldout[b][1]) / 2 for a, b in zip(steps, steps[1:]))
+    return area / (steps[-1] - steps[0])
+
+
+def mean_std(xs: list[float]) -> str:
+    mean = sum(xs) / len(xs)
+    std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
 def first_below(curve: list[float], level: float) -> int | None:
     return next((i + 1 for i, v in enumerate(curve) if v < level), None)
 
 
 def one_seed(path: str, labels: list[str], state: Any, train_set: dict, heldout: dict, args: argparse.Namespace,
              seed: int) -> dict:
-    from peft import get_peft_model
-
-    from evapipe.apply import apply_eva_state, lora_config_for
+    from evapipe.apply import apply_eva_state
 
     runs, heads = {}, []
     for name in ("eva", "default"):
         model = classifier(path, labels, seed)
         heads.append(model.classifier.weight.detach().clone())
-        if name == "eva":
-            model = apply_eva_state(model, state)
-        else:  # the very same LoraConfig, with PEFT's own A init
-            model = get_peft_model(model, lora_config_for(state, model))
+        # the very same adapter; baseline=True keeps PEFT's own A init (`evapipe apply --baseline`)
+        model = apply_eva_state(model, state, baseline=name == "default")
         runs[name] = train(model, train_set, heldout, args, seed)
         final = runs[name]["heldout"][args.steps]
         print(f"seed {seed}: {name:>7} init trained {args.steps} steps in {runs[name]['seconds']:.1f}s; "
@@ -178,8 +193,14 @@ def report(results: dict[int, dict], args: argparse.Namespace) -> None:
         for level in (1.0, 0.5):
             print(f"first step with {SMOOTH}-step mean loss < {level}: EVA {first_below(se, level)}, "
                   f"default {first_below(sd, level)}")
+    runs = list(results.values())
+    print(f"\nheld-out accuracy over {len(runs)} seed(s), mean ± std: AUC over steps 0-{args.steps} | final")
+    for name in ("eva", "default"):
+        aucs = [accuracy_auc(r[name]["heldout"]) for r in runs]
+        finals = [r[name]["heldout"][args.steps][1] for r in runs]
+        print(f"{name:>7}: AUC {mean_std(aucs)} (per seed {', '.join(f'{a:.3f}' for a in aucs)}) | final "
+              f"{mean_std(finals)}; trainable parameters {runs[0][name]['trainable']}")
     if len(results) > 1:
-        runs = list(results.values())
         print(f"\nmean over {len(runs)} seeds: held-out loss / accuracy")
         print(f"{'step':>5} {'EVA':>16} {'default':>16}")
         for step in runs[0]["eva"]["heldout"]:
@@ -204,17 +225,26 @@ def plot(results: dict[int, dict], path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install 'evapipe[plot]'): no plot written")
         return
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for seed, runs in results.items():
-        for name, color in (("eva", "tab:blue"), ("default", "tab:orange")):
-            curve = runs[name]["train_loss"]
-            steps = range(1, len(curve) + 1)
-            ax.plot(steps, curve, color=color, alpha=0.2, linewidth=0.8)
-            ax.plot(steps, running_mean(curve), color=color, label=f"{name} init (seed {seed}, {SMOOTH}-step mean)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("MiniLM + LoRA on support intents: EVA vs PEFT default init")
-    ax.legend()
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    runs = list(results.values())
+    for name, color in (("eva", "tab:blue"), ("default", "tab:orange")):
+        label = "EVA init" if name == "eva" else "PEFT default init (--baseline)"
+        for i, r in enumerate(runs):
+            curve = r[name]["train_loss"]
+            loss_ax.plot(range(1, len(curve) + 1), running_mean(curve), color=color, alpha=0.7,
+                         label=label if i == 0 else None)
+            steps = sorted(r[name]["heldout"])
+            acc_ax.plot(steps, [r[name]["heldout"][s][1] for s in steps], color=color, alpha=0.25, linewidth=0.8)
+        steps = sorted(runs[0][name]["heldout"])
+        mean = [sum(r[name]["heldout"][s][1] for r in runs) / len(runs) for s in steps]
+        acc_ax.plot(steps, mean, color=color, marker="o", label=f"{label}, mean of {len(runs)} seeds")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel(f"training loss ({SMOOTH}-step running mean)")
+    loss_ax.legend()
+    acc_ax.set_xlabel("step")
+    acc_ax.set_ylabel("held-out accuracy")
+    acc_ax.legend()
+    fig.suptitle(f"MiniLM + LoRA on support intents: EVA vs PEFT default init (seeds {list(results)})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")

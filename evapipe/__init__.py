@@ -5,6 +5,7 @@ Python API (each CLI command wraps one of these):
     run_job(load_config("cfg.yaml"))                          -> JobResult  (the config-driven job)
     load_state(path) / read_metadata(path)                     -> EvaState / dict
     apply_eva_state(model, state)                              -> trainable PeftModel (lora_A = state, lora_B = 0)
+    apply_eva_state(model, state, baseline=True)               -> the same adapter, PEFT's default init (A/B baseline)
     apply_to_directory(state_path, output, model)              -> PEFT adapter directory (`evapipe apply`)
     check_adapter_dir(adapter_dir, model)                      -> AdapterFit, or why it would not load (`evapipe check`)
     to_peft_state_dict(state)                                  -> dict for PEFT's initialize_lora_eva_weights
@@ -13,6 +14,7 @@ Python API (each CLI command wraps one of these):
     convert_file(src, dst, r=...)                              -> EvaState (`evapipe convert`)
     run_job(cfg with method: corda) / load_corda_state(path)   -> CorDA state (docs/other-methods.md)
     apply_corda_state(model, state) / apply_corda_to_directory -> PeftModel / adapter + residual model
+    quiet_dependencies()                                       -> dependencies' own progress bars and warnings off
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ _EXPORTS = {
     "check_adapter_dir": "adapter_check",
     "list_states": "store", "CordaSettings": "config", "load_corda_state": "corda_state",
     "apply_corda_state": "corda_apply", "apply_corda_to_directory": "corda_apply", "rebudget": "rebudget", "rebudget_file": "rebudget", "convert_file": "convert",
+    "quiet_dependencies": "quiet",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import ConfigError, StateError
+from .errors import ConfigError, StateError, require_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,21 +38,38 @@ class AdapterFit:
 
 
 def adapter_shapes(adapter_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """{key without PEFT's `base_model.model.`: shape} of the adapter's weights, read without loading them."""
-    from safetensors import safe_open
+    """{key without PEFT's `base_model.model.`: shape} of the adapter's weights, read from the file's header
+    (checked against the file's size, so a truncated or foreign file is a StateError), without loading them."""
+    from .state import read_header
 
-    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    path = adapter_file(adapter_dir, ADAPTER_WEIGHTS)
+    try:
+        header = read_header(path)
+    except StateError as err:
+        raise StateError(f"{err}; write the adapter again (evapipe apply)") from None
+    return {k.removeprefix(PEFT_KEY_PREFIX): tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def adapter_file(adapter_dir: str | os.PathLike, name: str) -> Path:
+    """A file of an adapter directory, or a ConfigError naming what is missing (the folder, or the file in it)."""
+    folder = require_path(adapter_dir, "adapter directory", ConfigError, directory=True)
+    path = folder / name
     if not path.is_file():
-        raise ConfigError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}; is it a PEFT adapter directory?")
-    with safe_open(str(path), "pt") as f:
-        return {k.removeprefix(PEFT_KEY_PREFIX): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        raise ConfigError(f"{adapter_dir} has no {name}; is it a PEFT adapter directory?")
+    return path
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{adapter_dir} has no {ADAPTER_CONFIG}; is it a PEFT adapter directory?")
-    return json.loads(path.read_text())
+    """adapter_config.json as a mapping; a file that is not JSON, or not a LoRA config, is a StateError."""
+    path = adapter_file(adapter_dir, ADAPTER_CONFIG)
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StateError(f"{path} is not valid JSON ({err}); write the adapter again (evapipe apply)") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise StateError(f"{path} is not a LoRA adapter config (peft_type {kind!r}); evapipe checks LoRA adapters")
+    return config
 
 
 def check_adapter(adapter_dir: str | os.PathLike, model: nn.Module, model_spec: str | None = None) -> AdapterFit:

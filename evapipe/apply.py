@@ -305,6 +305,7 @@ def apply_eva_state(
     *,
     use_dora: bool = False,
     use_rslora: bool = False,
+    baseline: bool = False,
 ) -> PeftModel:
     """Wrap `model` (plain or bitsandbytes 4/8-bit, prepared for k-bit training or not) in a trainable PeftModel
     whose LoRA A are the state's components and B are zero, so it starts equal to the base model.
@@ -316,6 +317,11 @@ def apply_eva_state(
     Layers with rank 0 get no adapter. A state computed on a backbone applies to a task model around it (a
     BertModel's state to a BertForSequenceClassification). As with PEFT's get_peft_model, `model` is modified in
     place.
+
+    `baseline`: the very same adapter (targets, per-layer ranks and alphas, heads, DoRA / rsLoRA, expert
+    parameters) with PEFT's default init (Kaiming-uniform lora_A, lora_B = 0) instead of the state's components,
+    so an A/B comparison of EVA against PEFT's init differs only in lora_A. PEFT draws lora_A from torch's global
+    generator: seed it (torch.manual_seed) for a reproducible baseline.
     """
     from peft import PeftModel, get_peft_model
 
@@ -337,12 +343,13 @@ def apply_eva_state(
         # target_parameters (which it does apply) unmatched
         warnings.filterwarnings("ignore", r"The following (rank|alpha)_pattern keys did not match", RuntimeWarning)
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    _load_components(peft_model, st, adapter_name)
+    _load_components(peft_model, st, adapter_name, baseline)
     return peft_model
 
 
-def _load_components(peft_model: PeftModel, state: EvaState, adapter_name: str) -> None:
-    """lora_A <- the state's components, lora_B <- 0, after checking PEFT adapted exactly the intended layers."""
+def _load_components(peft_model: PeftModel, state: EvaState, adapter_name: str, baseline: bool = False) -> None:
+    """lora_A <- the state's components, lora_B <- 0, after checking PEFT adapted exactly the intended layers
+    with the state's ranks (`baseline`: the checks only, PEFT's init stays)."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import ParamWrapper
 
@@ -354,15 +361,17 @@ def _load_components(peft_model: PeftModel, state: EvaState, adapter_name: str) 
     if adapted != wanted:
         odd = sorted(adapted ^ wanted)
         raise StateError(f"PEFT adapted a different set of layers than the state names: {', '.join(odd[:MAX_NAMED])}")
-    with torch.no_grad():
-        for name in wanted:
-            layer, a = modules[name], state.tensors[name]
-            if layer.r[adapter_name] != a.shape[0]:
-                raise StateError(f"{name}: PEFT built rank {layer.r[adapter_name]}, the state has rank {a.shape[0]}")
-            weight = layer.lora_A[adapter_name].weight
-            weight.copy_(a.to(weight.device, weight.dtype))
-            layer.lora_B[adapter_name].weight.zero_()
-    load_expert_components(peft_model, state, adapter_name)
+    for name in wanted:
+        if modules[name].r[adapter_name] != state.ranks[name]:
+            raise StateError(f"{name}: PEFT built rank {modules[name].r[adapter_name]}, the state has rank "
+                             f"{state.ranks[name]}")
+    if not baseline:
+        with torch.no_grad():
+            for name in wanted:
+                weight = modules[name].lora_A[adapter_name].weight
+                weight.copy_(state.tensors[name].to(weight.device, weight.dtype))
+                modules[name].lora_B[adapter_name].weight.zero_()
+    load_expert_components(peft_model, state, adapter_name, baseline)
 
 
 def to_peft_state_dict(state: StateLike, prefix: str = PEFT_PREFIX) -> dict[str, torch.Tensor]:
@@ -433,7 +442,15 @@ def save_adapter(peft_model: PeftModel, output: str | os.PathLike, state: EvaSta
 def read_provenance(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """The evapipe.json of an adapter directory ({} for an adapter evapipe did not write)."""
     path = Path(adapter_dir) / PROVENANCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        provenance = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StateError(f"{path} is not valid JSON ({err}); write the adapter again (evapipe apply)") from None
+    if not isinstance(provenance, dict):
+        raise StateError(f"{path} holds a {type(provenance).__name__}, not evapipe's provenance mapping")
+    return provenance
 
 
 def _drop_eva_config(path: Path) -> None:
@@ -486,6 +503,7 @@ def apply_to_directory(
     seed: int = 0,
     force: bool = False,
     overwrite: bool = False,
+    baseline: bool = False,
 ) -> tuple[Path, EvaState]:
     """Load the model the adapter is for, apply the state and write the adapter directory.
 
@@ -493,7 +511,8 @@ def apply_to_directory(
     head, gets PEFT's SEQ_CLS task and trains the head in full); default: the model the state was computed on, as
     the state's kind. `kind` asks for another class (`seq-cls` on a bare encoder: a new head of `num_labels`,
     initialised with `seed`). A state computed on a backbone applies to a task model around it. Everything is
-    checked (output, state file, model fit) before anything is written.
+    checked (output, state file, model fit) before anything is written. `baseline`: the same adapter with PEFT's
+    default init (see apply_eva_state), lora_A drawn after the head from `seed`; evapipe.json records which init.
     """
     output = Path(output)
     check_output(output, overwrite)
@@ -503,7 +522,8 @@ def apply_to_directory(
     name = cfg.name_or_path
     torch.manual_seed(seed)  # a new head's init
     base, kind = load_model(cfg, local_device(device), num_labels=num_labels)
-    peft_model = apply_eva_state(base, state, force=force, use_dora=use_dora, use_rslora=use_rslora)
+    peft_model = apply_eva_state(base, state, force=force, use_dora=use_dora, use_rslora=use_rslora,
+                                 baseline=baseline)
     built_for = {"model": name, "revision": revision, "kind": kind, "num_labels": num_labels,
-                 "state": str(Path(state_path).resolve())}
+                 "state": str(Path(state_path).resolve()), "init": "peft-default" if baseline else "eva"}
     return save_adapter(peft_model, output, state, overwrite, built_for), state

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from .config import MODEL_KINDS
 from .errors import EvapipeError
+from .quiet import quiet_dependencies
+
+if TYPE_CHECKING:
+    from .job import JobResult
 
 
 class _Group(click.Group):
@@ -31,42 +36,67 @@ def main() -> None:
     (`apply`) and check an adapter against a model (`check`); list a store (`list`), re-budget a state
     (`rebudget`), convert to and from PEFT (`convert`); see what a job needs in memory before running it
     (`estimate`).
+
+    Results go to stdout; progress, logs and errors to stderr. Dependencies' own progress bars and warnings are
+    off (their environment variables, e.g. TRANSFORMERS_VERBOSITY=info, turn them back on).
     """
+    quiet_dependencies()
 
 
 @click.command("compute")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--config", "config_path", required=True, type=click.Path(),
               help="YAML job config (see configs/default.yaml and `evapipe config-reference`).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. --set eva.r=16 --set data.batch_size=4 (value parsed as YAML).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar (stderr).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON on stdout (path, cached, ranks and alphas per layer, tokens, processes) "
+                   "instead of the table.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="Print neither the summary nor progress and logs; errors and warnings still go to stderr.")
 @click.option("--force", is_flag=True, help="Recompute even if output.store already holds this job's state.")
 @click.option("--restart", is_flag=True,
               help="Discard a checkpoint beside the output (e.g. one of another config) instead of resuming from it.")
-def compute_command(config_path: str, overrides: tuple[str, ...], no_progress: bool, force: bool,
-                    restart: bool) -> None:
+def compute_command(config_path: str, overrides: tuple[str, ...], no_progress: bool, as_json: bool, quiet: bool,
+                    force: bool, restart: bool) -> None:
     """Run the EVA compute job of a config and write the state file.
 
     Runs as one process, or as many under `torchrun` / `accelerate launch` (each rank reads its share of every
     step's samples; rank 0 writes the file). With output.store, a job already computed is a cache hit (no forward
     pass); a killed job run again resumes from its last checkpoint (output.checkpoint_every).
+
+    Rank 0 prints the result on stdout (the per-layer rank table and the path written, or --json); progress and
+    logs go to stderr, so `... > summary.txt` keeps only the result.
     """
     from .config import load_config
-    from .job import run_job
+    from .job import launcher_rank, run_job
 
     try:
         cfg = load_config(config_path, overrides)
-        run_job(cfg, show_progress=not no_progress, force=force, restart=restart)
+        result = run_job(cfg, show_progress=not no_progress, force=force, restart=restart, quiet=quiet)
+        if quiet or launcher_rank() != 0:
+            return
+        click.echo(_job_output(result, as_json))
     except EvapipeError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+
+
+def _job_output(result: JobResult, as_json: bool) -> str:
+    """The compute job's result as `evapipe compute` prints it (a cache hit's from its file's metadata)."""
+    from .report import job_record, job_summary
+    from .state import read_metadata
+
+    meta = result.state.meta if result.state is not None else read_metadata(result.path)
+    args = (meta, result.rank_stats, result.seconds, result.path, result.cached)
+    return json.dumps(job_record(*args), indent=2) if as_json else job_summary(*args).lstrip("\n")
 
 
 main.add_command(compute_command)
 
 
 @main.command("estimate")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--config", "config_path", required=True, type=click.Path(),
               help="YAML job config; only its model's config.json is read, never the weights.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, as in compute.")
 @click.option("--device-memory", default=None, metavar="SIZE",
@@ -88,9 +118,9 @@ def estimate_command(config_path: str, overrides: tuple[str, ...], device_memory
 
 
 @main.command("show")
-@click.argument("state_path", type=click.Path(dir_okay=False))
+@click.argument("state_path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON instead of a table.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", type=click.Path(), default=None,
               help="Also write a figure (PNG) of rank per layer and explained variance kept (needs matplotlib).")
 def show_command(state_path: str, as_json: bool, plot: str | None) -> None:
     """Print a state's per-layer rank / explained-variance / convergence table (alias: inspect)."""
@@ -153,10 +183,10 @@ def _model_options(func):
 
 
 @main.command("apply")
-@click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--state", "state_path", required=True, type=click.Path(),
               help="EVA or CorDA state file written by `evapipe compute`.")
 @_model_options
-@click.option("--output", required=True, type=click.Path(file_okay=False),
+@click.option("--output", required=True, type=click.Path(),
               help="Adapter directory to write (adapter_config.json + adapter_model.safetensors + evapipe.json).")
 @click.option("--use-dora", is_flag=True,
               help="DoRA adapter: its magnitude vector starts at the base weight's norms, so outputs still equal "
@@ -169,7 +199,11 @@ def _model_options(func):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Dtype of the base model's non-quantized weights (and 4-bit compute dtype).")
 @click.option("--device", default="auto", show_default=True, help="Where to load the base: auto, cpu or cuda.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a new task head's initialisation.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of a new task head's initialisation (and, with --baseline, of PEFT's lora_A init).")
+@click.option("--baseline", is_flag=True,
+              help="The same adapter (targets, per-layer ranks and alphas, head, DoRA/rsLoRA) with PEFT's default "
+                   "init instead of the state's components: the fair baseline to compare EVA against.")
 @click.option("--force", is_flag=True,
               help="Apply even if the architecture fingerprint differs (layer names and shapes are always checked).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing adapter directory at --output.")
@@ -185,6 +219,7 @@ def apply_command(state_path: str, output: str, load_4bit: bool, load_8bit: bool
     A CorDA state (method: corda) gives lora_A and lora_B from its decomposition and changes the base weights:
     OUTPUT/residual_model holds that residual base; train and merge on it
     (PeftModel.from_pretrained(OUTPUT/residual_model, OUTPUT, is_trainable=True)).
+    With --baseline the adapter is the same but keeps PEFT's default init, for an A/B run that differs only in it.
     """
     from .apply import apply_to_directory, read_provenance
     from .corda_state import is_corda_state
@@ -198,7 +233,8 @@ def apply_command(state_path: str, output: str, load_4bit: bool, load_8bit: bool
     path, state = apply_to_directory(state_path, output, quantization=quantization, **options)
     built = read_provenance(path)["adapter_for"]
     ranks = [k for k in state.ranks.values() if k > 0]
-    click.echo(f"wrote {path} for a {built['class']} (PEFT task {built['task_type']}): {len(ranks)} LoRA layers "
+    init = " with PEFT's default init (baseline)" if options["baseline"] else ""
+    click.echo(f"wrote {path} for a {built['class']} (PEFT task {built['task_type']}){init}: {len(ranks)} LoRA layers "
                f"(rank {min(ranks)}-{max(ranks)}, total {sum(ranks)}), {len(state.ranks) - len(ranks)} at rank 0 "
                "left without an adapter")
 
@@ -220,7 +256,7 @@ def _apply_corda(state_path: str, output: str, quantized: bool, *, kind: str | N
 
 
 @main.command("check")
-@click.option("--adapter", "adapter_dir", required=True, type=click.Path(file_okay=False, exists=True),
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(),
               help="PEFT adapter directory (e.g. written by `evapipe apply`).")
 @_model_options
 def check_command(adapter_dir: str, **options) -> None:
@@ -238,7 +274,7 @@ def check_command(adapter_dir: str, **options) -> None:
 
 
 @main.command("list")
-@click.argument("directory", required=False, type=click.Path(file_okay=False))
+@click.argument("directory", required=False, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
 def list_command(directory: str | None, as_json: bool) -> None:
     """List the EVA states in a store (or any folder): task, model, r, rho, total rank, tokens, created, size.
@@ -259,10 +295,10 @@ def list_command(directory: str | None, as_json: bool) -> None:
 
 
 @main.command("rebudget")
-@click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False), help="State to re-budget.")
+@click.option("--state", "state_path", required=True, type=click.Path(), help="State to re-budget.")
 @click.option("--r", "r", required=True, type=int, help="New rank per layer before redistribution.")
 @click.option("--rho", type=float, default=None, help="New redistribution factor (default: the state's).")
-@click.option("--output", required=True, type=click.Path(dir_okay=False), help="Where the new state goes.")
+@click.option("--output", required=True, type=click.Path(), help="Where the new state goes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file at --output.")
 def rebudget_command(state_path: str, r: int, rho: float | None, output: str, overwrite: bool) -> None:
     """Redistribute a state's ranks for another budget from its stored spectrum, without a forward pass."""
@@ -275,8 +311,8 @@ def rebudget_command(state_path: str, r: int, rho: float | None, output: str, ov
 
 
 @main.command("convert")
-@click.argument("src", type=click.Path(dir_okay=False))
-@click.argument("dst", type=click.Path(dir_okay=False))
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
 @click.option("--no-prefix", is_flag=True,
               help="Writing PEFT: plain base-model keys instead of `base_model.model.` ones.")
 @click.option("--r", "r", type=int, default=None, help="Reading PEFT: the LoraConfig r it was computed with (required).")

@@ -74,7 +74,9 @@ def _length(dataloader: Iterable[Any]) -> int | None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m evapipe.compute` (and `accelerate launch -m evapipe.compute`)."""
     from .cli import compute_command
+    from .quiet import quiet_dependencies
 
+    quiet_dependencies()
     compute_command.main(args=argv, prog_name="python -m evapipe.compute")
 
 

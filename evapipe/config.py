@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, require_path
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -434,16 +434,26 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Read a YAML job config; relative data/output paths stay relative to the working directory."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    path = require_path(path, "config file", ConfigError)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty: no job to run; start from a copy of configs/default.yaml")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections")
-    return config_from_dict(raw, overrides)
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    """A YAML error in one line (PyYAML's own message spans several, with a caret under the spot)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or ' '.join(str(err).split())}{where}"
 
 
 def reference_markdown() -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .apply import state_from_peft, to_peft_state_dict
-from .errors import ConfigError, StateError
+from .errors import ConfigError, StateError, require_path
 from .metadata import versions
 from .state import PEFT_PREFIX, EvaState, atomic_write, load_state, refuse_existing
 
@@ -26,9 +26,7 @@ STATE_SUFFIX = ".safetensors"
 
 def load_peft_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A `torch.save`d {module name: A (rank, in_features)} dict, checked; anything else raises StateError."""
-    path = Path(path)
-    if not path.is_file():
-        raise StateError(f"PEFT state dict not found: {path}")
+    path = require_path(path, "PEFT state dict", StateError)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for foreign, truncated or unsafe files

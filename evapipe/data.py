@@ -24,33 +24,10 @@ import torch
 
 from .config import DataConfig
 from .errors import ConfigError, DataError
-from .sources import FILE_BUILDERS, data_files, resolve_data_path
+from .sources import FILE_BUILDERS, local_data_files, resolve_data_path
 
 log = logging.getLogger("evapipe")
 FINGERPRINT_ROWS = 1024  # rows hashed at a time: the fingerprint's memory does not grow with the dataset
-
-
-def _local_files(path: str) -> list[str] | None:
-    """Data files named by a file, folder or glob (sources.data_files); None when `path` looks like a hub id."""
-    files = data_files(path)
-    if files is None:
-        if path.startswith((".", "/", "~")) or Path(path).suffix in FILE_BUILDERS:
-            raise DataError(f"data file not found: {path}")
-        return None
-    if not files:
-        if Path(path).expanduser().is_dir():
-            raise DataError(f"data folder {path} holds no data files ({', '.join(FILE_BUILDERS)})")
-        raise DataError(f"data glob {path} matches no file")
-    return [str(f) for f in files]
-
-
-def _drop_empty(files: list[str], path: str) -> list[str]:
-    """Files with content: an empty file holds no rows, and `datasets` fails on one with no message at all."""
-    kept = [f for f in files if Path(f).stat().st_size > 0]
-    if not kept:
-        raise DataError(f"data `{path}` is empty: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''} "
-                        f"{'has' if len(files) == 1 else 'have'} no content")
-    return kept
 
 
 def data_columns(cfg: DataConfig, kind: str) -> list[str]:
@@ -86,10 +63,9 @@ def source_args(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
     by suffix, checked to be one kind, empty files dropped) with them as the split, or the hub id with its
     configuration and revision."""
     path = resolve_data_path(cfg.path)
-    files = _local_files(path)
+    files = local_data_files(path, cfg.path)
     if files is None:
         return path, {"name": cfg.name, "revision": cfg.revision}
-    files = _drop_empty(files, cfg.path)
     suffixes = {Path(f).suffix.lower() for f in files}
     builders = {FILE_BUILDERS.get(suffix) for suffix in suffixes}
     if len(builders) != 1 or None in builders:

@@ -1,5 +1,10 @@
 """Exceptions evapipe raises for bad input: each says what is wrong and what to do next."""
 
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
 
 class EvapipeError(Exception):
     """Base class: the CLI prints these as one clear line instead of a traceback."""
@@ -27,3 +32,15 @@ class DistributedError(EvapipeError, RuntimeError):
 
 class StorageError(EvapipeError, OSError):
     """A file could not be written (full disk, I/O error, permissions); what was there before is left as it was."""
+
+
+def require_path(path: os.PathLike | str, what: str, error: type[EvapipeError], directory: bool = False) -> Path:
+    """`path` as a Path if it is an existing file (a folder with `directory`), else `error` saying which it is not:
+    the one wording for "not found" and "a folder where a file belongs" (and the reverse) across commands."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{what} not found: {path}")
+    if path.is_dir() != directory:
+        raise error(f"{what} {path} is a {'file' if directory else 'directory'}; give "
+                    f"{'a directory' if directory else 'a file'}")
+    return path

@@ -99,8 +99,9 @@ def expert_block(state: EvaState, key: str, rank: int, r: int) -> torch.Tensor |
     return rows[:n] if n else None
 
 
-def load_expert_components(peft_model: nn.Module, state: EvaState, adapter_name: str) -> None:
-    """Each adapted expert parameter's lora_A blocks <- its experts' components (module docstring), lora_B <- 0."""
+def load_expert_components(peft_model: nn.Module, state: EvaState, adapter_name: str, baseline: bool = False) -> None:
+    """Each adapted expert parameter's lora_A blocks <- its experts' components (module docstring), lora_B <- 0.
+    `baseline`: only check that PEFT built the state's expert ranks, and keep PEFT's default init."""
     from .errors import StateError
 
     meta, ranks = state.meta, state.ranks
@@ -109,14 +110,17 @@ def load_expert_components(peft_model: nn.Module, state: EvaState, adapter_name:
     if set(wrappers) != set(wanted):
         odd = sorted(set(wrappers) ^ set(wanted))
         raise StateError(f"PEFT adapted a different set of expert parameters than the state names: {', '.join(odd[:5])}")
+    for p, r in wanted.items():
+        if wrappers[p].r[adapter_name] != r:
+            raise StateError(f"{p}: PEFT built rank {wrappers[p].r[adapter_name]}, the state's experts need {r}")
+    if baseline:
+        return
     if wanted and not state.spectrum:
         log.warning("the state's spectrum sidecar is missing: expert rows beyond each expert's own rank keep PEFT's "
                     "default init")
     with torch.no_grad():
         for p, r in wanted.items():
             layer = wrappers[p]
-            if layer.r[adapter_name] != r:
-                raise StateError(f"{p}: PEFT built rank {layer.r[adapter_name]}, the state's experts need {r}")
             weight = layer.lora_A[adapter_name].weight
             blocks = weight.view(layer.num_experts, r, weight.shape[-1])
             for e in range(layer.num_experts):

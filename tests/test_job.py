@@ -99,7 +99,7 @@ def test_cli_runs_the_job_and_show_reads_it(tmp_path, default_state):
     run = subprocess.run([sys.executable, "-m", "evapipe.compute", "--config", str(cfg), "--set", "eva.r=4",
                           "--no-progress"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "done in" in run.stderr and "cli.safetensors" in run.stderr
+    assert "done in" in run.stdout and "cli.safetensors" in run.stdout  # the result on stdout, logs on stderr
     assert read_metadata(tmp_path / "cli.safetensors")["r"] == 4
 
 
@@ -198,7 +198,7 @@ def test_summary_names_processes_as_processes(tmp_path):
             "in_features": {"a": 8, "b": 8}}
     stats = [SimpleNamespace(rank=r, tokens=15, forward_s=0.1, svd_s=0.2, owned=["b"], pca_tokens=15, comm_s=0.0)
              for r in (0, 1)]
-    text = job_summary(SimpleNamespace(meta=meta), stats, 1.0, tmp_path / "x")
+    text = job_summary(meta, stats, 1.0, tmp_path / "x")
     assert "1 layers at LoRA rank 0" in text and "total LoRA rank 4" in text
     assert [ln.split(":")[0] for ln in text.splitlines() if ln.startswith("process")] == ["process 0", "process 1"]
     assert not [ln for ln in text.splitlines() if ln.startswith("rank ")]

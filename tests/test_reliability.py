@@ -377,7 +377,9 @@ def test_apply_overwrite_keeps_unrelated_files_and_other_backups(tmp_path, tiny_
 
 
 # -- 11. null text values --------------------------------------------------------------------------------------------
-def test_null_text_rows_are_skipped_and_counted(tmp_path, tiny_llama_dir, capsys):
+def test_null_text_rows_are_skipped_and_counted(tmp_path, tiny_llama_dir):
+    from evapipe.report import job_summary
+
     rows = [{"text": f"where is my order {i}"} for i in range(12)]
     rows[3]["text"] = rows[7]["text"] = None
     job = tiny_job(tiny_llama_dir, data={"path": jsonl(tmp_path / "t.jsonl", rows), "max_samples": None},
@@ -385,7 +387,7 @@ def test_null_text_rows_are_skipped_and_counted(tmp_path, tiny_llama_dir, capsys
     result = run_job(config_from_dict(job), show_progress=False)
     dataset = result.state.meta["dataset"]
     assert dataset["samples"] == 10 and dataset["skipped_null_rows"] == 2
-    assert "2 rows with a null text skipped" in capsys.readouterr().err
+    assert "2 rows with a null text skipped" in job_summary(result.state.meta, [], 1.0, result.path)
     pairs = [{"prompt": None if i % 2 else "q", "completion": "a"} for i in range(4)]
     job["data"].update(path=jsonl(tmp_path / "p.jsonl", pairs), prompt_field="prompt", completion_field="completion")
     assert run_job(config_from_dict(job), show_progress=False).state.meta["dataset"]["skipped_null_rows"] == 2
