@@ -171,16 +171,20 @@ def run_job(cfg: JobConfig, show_progress: bool = True, force: bool = False, res
     start = time.perf_counter()
     setup_logging(launcher_rank(), quiet)
     show_progress = show_progress and not quiet
-    check_inputs(cfg)
     lock, comm = None, None
     try:
         if world_size() == 1:  # one process: a cache hit answers without importing torch
+            check_inputs(cfg)
             plan, lock = plan_job(cfg, force, start)
             if plan.cached is not None:
                 return plan.cached
             comm = _join(cfg, quiet)
         else:
             comm = _join(cfg, quiet)
+            from .distributed import collectively
+
+            with collectively(comm):  # a file missing on one node's rank stops every rank now, not at a timeout
+                check_inputs(cfg)
             plan, lock = agreed_plan(cfg, comm, force, start)
             if plan.cached is not None:
                 return plan.cached
