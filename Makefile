@@ -1,7 +1,10 @@
 # The two commands of the README:
 #   make demo   set up .venv and run the EVA job on the embedded default (MiniLM + shipped support-intents data)
 #   make test   set up .venv and run the test suite
-#   make lint   ruff (config in pyproject.toml), run by CI before the tests
+# and for contributors (docs/contributing.md):
+#   make test-unit  the unit tests only (tests/unit/), in well under a minute: the edit loop
+#   make lint       ruff (config in pyproject.toml), run by CI before the tests
+#   make docs       build the docs site into site/ (mkdocs build --strict: a broken link or reference fails), run by CI
 # On a GPU machine keep your CUDA torch: `make test TORCH_SPEC=` installs evapipe around the torch you have.
 PYTHON ?= python3
 VENV ?= .venv
@@ -32,6 +35,12 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
+test-unit: setup
+	$(VENV)/bin/python -m pytest -q tests/unit
+
+docs: setup
+	$(VENV)/bin/python -m mkdocs build --strict
+
 lint: setup
 	@$(VENV)/bin/python -m ruff --version >/dev/null 2>&1 || $(VENV)/bin/python -m pip install -q "ruff>=0.6"
 	$(VENV)/bin/python -m ruff check .
@@ -39,4 +48,4 @@ lint: setup
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_eva.py
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-unit lint docs bench

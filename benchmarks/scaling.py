@@ -1,6 +1,6 @@
 """What one batch costs evapipe's PCA side, as a function of tokens per batch, in_features and target layers.
 
-    python benchmarks/scaling.py                 # the README's table (2 threads, r=8, rho=2)
+    python benchmarks/scaling.py                 # the table in docs/performance.md (2 threads, r=8, rho=2)
     python benchmarks/scaling.py --r 16 --rho 2  # your own settings
 
 A model's EVA cost per batch is its forward pass up to the deepest target layer (see bench_eva.py's floor) plus, for

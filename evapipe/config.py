@@ -1,7 +1,7 @@
 """Job configuration: YAML in, validated dataclasses out, before any model is loaded.
 
 The dataclass fields' ``help`` texts are the user documentation: ``evapipe config-reference`` prints them and
-the README's config reference is generated from them.
+the config reference in docs/configs.md is generated from them.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ needs only two products with the raw batch X, Y = A Z (from X Z) and B = Q^T A (
 also gives the batch mean), where Z holds the previous components plus a few fresh random directions (the estimate
 is its own warm start) and Q is an orthonormal basis of Y.
 
-Choices, each measured by benchmarks/levers.py (figures in the README's "Performance" section):
+Choices, each measured by benchmarks/levers.py (figures in docs/performance.md, "Levers"):
 
 * no power iteration once warm: the previous components are a warm start that one Rayleigh-Ritz step refines;
   a power iteration per batch costs about a tenth more wall time for no measurable gain in captured variance. The

@@ -117,7 +117,7 @@ def test_dora_rslora_adapter_starts_at_the_base_and_trains(quantization, states,
                  m.lora_magnitude_vector["default"].weight.detach().clone()) for n, m in layers.items()}
     model.train()
     # one step: on CPU, PEFT 0.21's DoRA re-wraps an 8-bit weight at each forward and loses its scale, so the
-    # second 8-bit forward fails inside bitsandbytes (README, "Applying a state"); one step shows what moves
+    # second 8-bit forward fails inside bitsandbytes (docs/apply-and-train.md); one step shows what moves
     loss = model(**batch).last_hidden_state.pow(2).mean()
     loss.backward()
     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
