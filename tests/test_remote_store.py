@@ -165,7 +165,7 @@ def test_two_jobs_on_one_key_one_wins(tmp_path, tiny_llama_dir, s3, cache, monke
     side_url = remote_store.sidecar_url(a.path)
     from evapipe.state import read_header
 
-    assert (read_header(side_url)["__metadata__"]["spectrum_id"]) == f'"{meta["spectrum_id"]}"'
+    assert read_header(side_url)["__metadata__"]["spectrum_id"] == meta["spectrum_id"]
     names = sorted(u.rsplit("/", 1)[1] for u in objects(store))
     assert names == ["eva.safetensors", "eva.spectrum.safetensors"]  # A's pending sidecar removed
     assert load_state(a.path).spectrum
@@ -176,7 +176,7 @@ class Proxy:
     that goes away would, while the server behind it keeps what it stored."""
 
     def __init__(self, port: int):
-        self.target, self.conns = port, []
+        self.target, self.conns, self.stopped = port, [], False
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -186,6 +186,9 @@ class Proxy:
             try:
                 client, _ = self.listener.accept()
             except OSError:
+                return
+            if self.stopped:
+                client.close()
                 return
             server = socket.create_connection(("127.0.0.1", self.target))
             self.conns += [client, server]
@@ -207,6 +210,11 @@ class Proxy:
                     pass
 
     def stop(self):
+        self.stopped = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        except OSError:
+            pass
         self.listener.close()
         for s in self.conns:
             try:
