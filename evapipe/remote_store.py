@@ -122,3 +122,41 @@ def list_remote(url: str) -> list:
         entries.append(entry_of(obj, meta, size))
     return entries
 
+
+
+def save_state(state, dst, overwrite: bool = False) -> None:
+    """EvaState.save to a path or a URL (a URL: written locally first, then published, refusing an existing state
+    unless `overwrite`)."""
+    import tempfile
+    from pathlib import Path
+
+    from .remote import is_url
+    from .state import refuse_existing
+
+    if not is_url(dst):
+        refuse_existing(dst, overwrite)
+        state.save(dst)
+        return
+    with tempfile.TemporaryDirectory(prefix="evapipe-") as tmp:
+        local = state.save(Path(tmp) / name_of(dst))
+        if not publish(local, str(dst), create=not overwrite):
+            raise StateError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def write_file(dst, write, overwrite: bool = False) -> None:
+    """atomic_write to a path, or write locally and upload one object to a URL (create-if-absent without
+    `overwrite`)."""
+    import tempfile
+    from pathlib import Path
+
+    from .remote import is_url
+    from .state import atomic_write, refuse_existing
+
+    if not is_url(dst):
+        refuse_existing(dst, overwrite)
+        atomic_write(dst, write)
+        return
+    with tempfile.TemporaryDirectory(prefix="evapipe-") as tmp:
+        local = atomic_write(Path(tmp) / name_of(dst), write)
+        if not upload(local, str(dst), create=not overwrite):
+            raise StateError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")

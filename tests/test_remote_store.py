@@ -284,3 +284,18 @@ def test_hub_urls_parse_offline():
     assert hub_repo("hf://org/repo") == ("model", "org/repo", None, "")
     with pytest.raises(ConfigError, match="names a repository"):
         hub_repo("hf://org")
+
+
+def test_rebudget_and_convert_between_urls(tiny_llama_dir, s3, cache):
+    from evapipe import convert_file, rebudget_file
+    from evapipe.errors import StateError
+
+    url = run_job(cfg_for(tiny_llama_dir, f"s3://{BUCKET}/tools"), show_progress=False).path
+    out = f"s3://{BUCKET}/derived/r1.safetensors"
+    new = rebudget_file(url, out, r=1)
+    assert read_metadata(out)["r"] == 1 and load_state(out).ranks == new.ranks
+    with pytest.raises(StateError, match="already exists"):
+        rebudget_file(url, out, r=1)
+    peft = f"s3://{BUCKET}/derived/peft.pt"
+    convert_file(url, peft)
+    assert objects(f"s3://{BUCKET}/derived")[peft] > 0
