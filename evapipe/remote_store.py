@@ -101,8 +101,7 @@ def remote_sidecar(state_url: str, spectrum_id: str | None) -> str | None:
 
 def list_remote(url: str) -> list:
     """`evapipe list` on a store URL: every state under it, read from headers (nothing downloaded)."""
-    from .state import read_metadata
-    from .store import StoreEntry, _is_foreign, entry_of
+    from .store import entry_at
 
     objects = find(url)
     entries = []
@@ -112,14 +111,7 @@ def list_remote(url: str) -> list:
         if (not name.endswith(".safetensors") or name.endswith(SPECTRUM_SUFFIX)
                 or any(p.startswith(".") or p.endswith(".zarr") for p in rel)):
             continue
-        size += objects.get(sidecar_url(obj), 0)
-        try:
-            meta = read_metadata(obj)
-        except StateError as err:
-            if not _is_foreign(obj):
-                entries.append(StoreEntry(obj, size=size, error=str(err)))
-            continue
-        entries.append(entry_of(obj, meta, size))
+        entries += entry_at(obj, size + objects.get(sidecar_url(obj), 0))
     return entries
 
 

@@ -278,14 +278,16 @@ def list_states(directory: str | Path) -> list[StoreEntry]:
                 continue
             path = Path(root) / name
             size = path.stat().st_size + (spectrum_path(path).stat().st_size if spectrum_path(path).is_file() else 0)
-            try:
-                meta = read_metadata(path)
-            except StateError as err:
-                if not _is_foreign(path):
-                    entries.append(StoreEntry(path, size=size, error=str(err)))
-                continue
-            entries.append(entry_of(path, meta, size))
+            entries += entry_at(path, size)
     return _sorted(entries)
+
+
+def entry_at(path: Path | str, size: int) -> list[StoreEntry]:
+    """The listing of one safetensors file: its entry, an unreadable one with its error, or none (not a state)."""
+    try:
+        return [entry_of(path, read_metadata(path), size)]
+    except StateError as err:
+        return [] if _is_foreign(path) else [StoreEntry(path, size=size, error=str(err))]
 
 
 def _sorted(entries: list[StoreEntry]) -> list[StoreEntry]:
