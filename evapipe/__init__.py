@@ -3,7 +3,7 @@
 Python API (each CLI command wraps one of these):
     compute_eva_state(model, dataloader, EvaSettings(r=8))  -> EvaState   (your model and dataloader)
     run_job(load_config("cfg.yaml"))                          -> JobResult  (the config-driven job)
-    load_state(path) / read_metadata(path)                     -> EvaState / dict
+    load_state(path or URL) / read_metadata(path or URL)       -> EvaState / dict (a URL: cached locally, verified)
     apply_eva_state(model, state)                              -> trainable PeftModel (lora_A = state, lora_B = 0)
     apply_to_directory(state_path, output, model)              -> PEFT adapter directory (`evapipe apply`)
     check_adapter_dir(adapter_dir, model)                      -> AdapterFit, or why it would not load (`evapipe check`)
@@ -11,6 +11,7 @@ Python API (each CLI command wraps one of these):
     list_states(store_dir)                                     -> StoreEntry list (`evapipe list`)
     rebudget(state, r, rho) / rebudget_file(src, dst, r, rho)  -> EvaState (`evapipe rebudget`)
     convert_file(src, dst, r=...)                              -> EvaState (`evapipe convert`)
+    push(state, url) / write_card(state, folder)               -> a state published with its card (`evapipe push/card`)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _EXPORTS = {
     "apply_eva_state": "apply", "apply_to_directory": "apply", "to_peft_state_dict": "apply",
     "check_adapter_dir": "adapter_check",
     "list_states": "store", "rebudget": "rebudget", "rebudget_file": "rebudget", "convert_file": "convert",
+    "push": "card", "write_card": "card",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
