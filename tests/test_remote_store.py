@@ -299,3 +299,32 @@ def test_rebudget_and_convert_between_urls(tiny_llama_dir, s3, cache):
     peft = f"s3://{BUCKET}/derived/peft.pt"
     convert_file(url, peft)
     assert objects(f"s3://{BUCKET}/derived")[peft] > 0
+
+
+def test_push_to_a_bucket_and_pull_with_an_empty_cache(tmp_path, tiny_llama_dir, s3, cache):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from evapipe.cli import main
+
+    local = tmp_path / "s" / "eva.safetensors"
+    run_job(config_from_dict(tiny_job(tiny_llama_dir, output={"path": str(local)})), show_progress=False)
+    pushed = CliRunner().invoke(main, ["push", str(local), f"s3://{BUCKET}/published", "--license", "mit"])
+    assert pushed.exit_code == 0, pushed.output
+    names = [u.rsplit("/", 1)[1] for u in objects(f"s3://{BUCKET}/published")]
+    assert sorted(names) == ["README.md", "eva-layers.png", "eva.safetensors", "eva.spectrum.safetensors"]
+    shutil.rmtree(cache, ignore_errors=True)
+    pulled = load_state(f"s3://{BUCKET}/published/eva.safetensors")
+    assert pulled.spectrum and pulled.ranks == load_state(local).ranks
+
+
+def test_file_urls_are_local_stores(tmp_path, tiny_llama_dir):
+    from evapipe.job import output_paths, remote_entry
+    from evapipe.store import job_key, model_slug
+
+    cfg = cfg_for(tiny_llama_dir, f"file://{tmp_path / 'store'}")
+    key = job_key(cfg)
+    assert remote_entry(cfg, key) is None
+    assert output_paths(cfg, key)[0] == (tmp_path / "store" / "t" / model_slug(tiny_llama_dir)
+                                          / key / "eva.safetensors")
