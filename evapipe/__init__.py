@@ -3,7 +3,7 @@
 Python API (each CLI command wraps one of these):
     compute_eva_state(model, dataloader, EvaSettings(r=8))  -> EvaState   (your model and dataloader)
     run_job(load_config("cfg.yaml"))                          -> JobResult  (the config-driven job)
-    load_state(path) / read_metadata(path)                     -> EvaState / dict
+    load_state(path or URL) / read_metadata(path or URL)       -> EvaState / dict (a URL: cached locally, verified)
     apply_eva_state(model, state)                              -> trainable PeftModel (lora_A = state, lora_B = 0)
     apply_eva_state(model, state, baseline=True)               -> the same adapter, PEFT's default init (A/B baseline)
     apply_to_directory(state_path, output, model)              -> PEFT adapter directory (`evapipe apply`)
@@ -15,6 +15,7 @@ Python API (each CLI command wraps one of these):
     run_job(cfg with method: corda) / load_corda_state(path)   -> CorDA state (docs/other-methods.md)
     apply_corda_state(model, state) / apply_corda_to_directory -> PeftModel / adapter + residual model
     quiet_dependencies()                                       -> dependencies' own progress bars and warnings off
+    push(state, url) / write_card(state, folder)               -> a state published with its card (`evapipe push/card`)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _EXPORTS = {
     "list_states": "store", "CordaSettings": "config", "load_corda_state": "corda_state",
     "apply_corda_state": "corda_apply", "apply_corda_to_directory": "corda_apply", "rebudget": "rebudget", "rebudget_file": "rebudget", "convert_file": "convert",
     "quiet_dependencies": "quiet",
+    "push": "card", "write_card": "card",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

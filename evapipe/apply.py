@@ -33,6 +33,7 @@ from .expert_adapters import check_experts, expert_keys, load_expert_components,
 from .experts import module_name
 from .metadata import StateMeta
 from .models import class_traits, load_model, model_fingerprint
+from .remote import is_url
 from .state import PEFT_PREFIX, EvaState, load_state, make_public, read_metadata, strip_peft_prefix
 from .targets import TRAINED_HEADS, linear_shape
 
@@ -525,5 +526,6 @@ def apply_to_directory(
     peft_model = apply_eva_state(base, state, force=force, use_dora=use_dora, use_rslora=use_rslora,
                                  baseline=baseline)
     built_for = {"model": name, "revision": revision, "kind": kind, "num_labels": num_labels,
-                 "state": str(Path(state_path).resolve()), "init": "peft-default" if baseline else "eva"}
+                 "state": str(state_path) if is_url(state_path) else str(Path(state_path).resolve()),
+                 "init": "peft-default" if baseline else "eva"}
     return save_adapter(peft_model, output, state, overwrite, built_for), state

@@ -35,7 +35,8 @@ def main() -> None:
     Compute a state from a model and task data (`compute`), look at it (`show`), turn it into a PEFT adapter
     (`apply`) and check an adapter against a model (`check`); list a store (`list`), re-budget a state
     (`rebudget`), convert to and from PEFT (`convert`); see what a job needs in memory before running it
-    (`estimate`).
+    (`estimate`); publish a state with its model card (`push`, `card`). States and stores may be URLs
+    (s3://, gs://, az://, hf://) as well as paths.
 
     Results go to stdout; progress, logs and errors to stderr. Dependencies' own progress bars and warnings are
     off (their environment variables, e.g. TRANSFORMERS_VERBOSITY=info, turn them back on).
@@ -184,7 +185,8 @@ def _model_options(func):
 
 @main.command("apply")
 @click.option("--state", "state_path", required=True, type=click.Path(),
-              help="EVA or CorDA state file written by `evapipe compute`.")
+              help="EVA or CorDA state file written by `evapipe compute`: a path or a URL (s3://..., hf://org/repo/"
+                   "eva.safetensors), downloaded once into the local cache and verified.")
 @_model_options
 @click.option("--output", required=True, type=click.Path(),
               help="Adapter directory to write (adapter_config.json + adapter_model.safetensors + evapipe.json).")
@@ -334,6 +336,35 @@ def convert_command(src: str, dst: str, no_prefix: bool, overwrite: bool, **sett
 
     state = convert_file(src, dst, prefix=not no_prefix, overwrite=overwrite, **settings)
     click.echo(f"wrote {dst}: {len(state.ranks)} layers, total rank {state.total_rank()}")
+
+
+@main.command("card")
+@click.argument("state_path", type=click.Path(dir_okay=False))
+@click.option("--output", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to write README.md (the card) and eva-layers.png (the figure, needs matplotlib) into.")
+@click.option("--license", "license_", default=None, help="License to record in the card's front matter (e.g. apache-2.0).")
+@click.option("--url", default=None, help="Where the state will be read from, for the card's apply commands "
+                                          "(e.g. hf://org/repo/eva.safetensors); default: eva.safetensors.")
+def card_command(state_path: str, out_dir: str, license_: str | None, url: str | None) -> None:
+    """Write a state's model card (README.md with Hub front matter: base model, datasets, tags, license) locally."""
+    from .card import write_card
+
+    for path in write_card(state_path, out_dir, license_, url):
+        click.echo(f"wrote {path}")
+
+
+@main.command("push")
+@click.argument("state_path", type=click.Path(dir_okay=False))
+@click.argument("url")
+@click.option("--license", "license_", default=None, help="License to record in the card's front matter.")
+def push_command(state_path: str, url: str, license_: str | None) -> None:
+    """Publish a state: upload it, its spectrum sidecar and a model card to URL (a Hub repo hf://org/name, a
+    store URL such as s3://bucket/prefix, or a folder). The state goes last, so it is visible only when complete.
+    Credentials: HF_TOKEN / `huggingface-cli login`, the AWS variables, Google's default credentials."""
+    from .card import push
+
+    for dst in push(state_path, url, license_):
+        click.echo(f"uploaded {dst}")
 
 
 if __name__ == "__main__":

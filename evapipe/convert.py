@@ -19,7 +19,7 @@ import torch
 from .apply import state_from_peft, to_peft_state_dict
 from .errors import ConfigError, StateError, require_path
 from .metadata import versions
-from .state import PEFT_PREFIX, EvaState, atomic_write, load_state, refuse_existing
+from .state import PEFT_PREFIX, EvaState, load_state, refuse_existing
 
 STATE_SUFFIX = ".safetensors"
 
@@ -85,14 +85,19 @@ def convert_file(src: str | Path, dst: str | Path, prefix: bool = True, overwrit
     """`evapipe convert`: the direction follows the file names (`.safetensors` = evapipe state, else PEFT dict).
 
     evapipe -> PEFT writes `torch.save(state_to_peft(...))`; PEFT -> evapipe needs `settings` (at least r). An
-    existing `dst` is replaced only with `overwrite`. Returns the state converted (read or written).
+    existing `dst` is replaced only with `overwrite`. An evapipe state may be read from a URL and either kind
+    written to one (a PEFT file is read from a path). Returns the state converted (read or written).
     """
-    src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve():
+    from .remote import is_url, location, name_of
+    from .remote_store import save_state, write_file
+
+    src, dst = location(src), location(dst)
+    if str(dst) == str(src) or (isinstance(dst, Path) and isinstance(src, Path) and dst.resolve() == src.resolve()):
         raise ConfigError(f"convert reads {src} and cannot write over it; give another DST")
-    refuse_existing(dst, overwrite)
-    to_state = dst.name.endswith(STATE_SUFFIX)
-    if to_state == src.name.endswith(STATE_SUFFIX):
+    if not is_url(dst):
+        refuse_existing(dst, overwrite)
+    to_state = name_of(dst).endswith(STATE_SUFFIX)
+    if to_state == name_of(src).endswith(STATE_SUFFIX):
         kind = "evapipe states (.safetensors)" if to_state else "PEFT state dicts"
         raise ConfigError(f"both {src} and {dst} are {kind}; convert turns one kind into the other "
                           "(evapipe: .safetensors, PEFT: .pt/.pth/.bin)")
@@ -100,8 +105,8 @@ def convert_file(src: str | Path, dst: str | Path, prefix: bool = True, overwrit
         if settings.get("r") is None:
             raise ConfigError("a PEFT state dict does not record r: pass --r (the LoraConfig r it was computed with)")
         state = peft_to_state(load_peft_file(src), **{k: v for k, v in settings.items() if v is not None})
-        state.save(dst)
+        save_state(state, dst, overwrite)
         return state
     state = load_state(src, with_spectrum=False)
-    atomic_write(dst, lambda tmp: torch.save(state_to_peft(state, prefix), tmp))
+    write_file(dst, lambda tmp: torch.save(state_to_peft(state, prefix), tmp), overwrite)
     return state

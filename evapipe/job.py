@@ -35,7 +35,7 @@ log = logging.getLogger("evapipe")
 
 @dataclass
 class JobResult:
-    path: Path | None
+    path: Path | str | None  # a URL string for a store on object storage
     state: EvaState | None  # on rank 0, None elsewhere (and on a cache hit)
     seconds: float
     rank_stats: list[RankStats]
@@ -67,11 +67,29 @@ def setup_logging(rank: int, quiet: bool = False) -> None:
     log.setLevel(logging.INFO if rank == 0 and not quiet else logging.WARNING)
 
 
+def remote_entry(cfg: JobConfig, key: str) -> str | None:
+    """The store entry's URL when output.store is on object storage: the state is computed into a local work
+    folder (checkpoints included), then published there (remote_store.py)."""
+    from .remote import is_url, join
+    from .store import state_dir, state_file
+
+    if not (cfg.output.store and is_url(cfg.output.store)):
+        return None
+    return str(join(state_dir(cfg.output.store, cfg, key), state_file(cfg)))
+
+
 def output_paths(cfg: JobConfig, key: str) -> list[Path]:
-    """Where the state goes: the store entry (when output.store is set) first, then output.path."""
+    """Where the state goes: the store entry (when output.store is set; a local work path for a store on object
+    storage) first, then output.path."""
+    from .sources import json_digest
+    from .statecache import cache_root
     from .store import STATE_FILE, state_dir, state_file
 
-    paths = [state_dir(cfg.output.store, cfg, key) / state_file(cfg)] if cfg.output.store else []
+    remote = remote_entry(cfg, key)
+    if remote:
+        paths = [cache_root() / "work" / json_digest(remote, 16) / state_file(cfg)]
+    else:
+        paths = [state_dir(cfg.output.store, cfg, key) / state_file(cfg)] if cfg.output.store else []
     path = cfg.output.path
     if path == STATE_FILE and cfg.method != "eva":  # the default output.path names EVA's file
         path = state_file(cfg)
@@ -80,23 +98,29 @@ def output_paths(cfg: JobConfig, key: str) -> list[Path]:
     return paths
 
 
-def cached_result(key: str, paths: list[Path], start: float) -> JobResult | None:
-    """A store hit for this job (copied to output.path too), or None. Reads file headers only: no torch import."""
+def cached_result(key: str, paths: list[Path], start: float, remote: str | None = None) -> JobResult | None:
+    """A store hit for this job (copied to output.path too), or None. Reads file headers only: no torch import
+    (and, for a store on object storage, no download unless output.path wants a copy)."""
     import shutil
 
     from .corda_state import read_state_metadata
     from .state import atomic_write, spectrum_path
     from .store import lookup
 
-    hit = lookup(paths[0], key)
+    hit = lookup(remote or paths[0], key)
     if hit is None:
         return None
     meta = read_state_metadata(hit)
     log.info("cache hit: %s already holds this job's state (task %s, model %s, r=%s, rho=%s, computed %s); "
              "no forward pass. --force recomputes it.", hit, meta["task"], (meta.get("model") or {}).get("id"),
              meta["r"], meta.get("rho"), meta.get("created"))
+    local = hit
+    if remote and paths[1:]:
+        from .statecache import fetch
+
+        local = fetch(remote)
     for extra in paths[1:]:
-        for src, dst in ((spectrum_path(hit), spectrum_path(extra)), (hit, extra)):
+        for src, dst in ((spectrum_path(local), spectrum_path(extra)), (local, extra)):
             if src.is_file():
                 atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
         log.info("copied it to %s", extra)
@@ -123,10 +147,15 @@ def plan_job(cfg: JobConfig, force: bool, start: float, waiting: Callable[[], No
     paths = output_paths(cfg, job["key"])
     if not cfg.output.store:
         return Plan(job, paths), None
+    remote = remote_entry(cfg, job["key"])
+    if remote:
+        from .remote import check_reachable
+
+        check_reachable(str(cfg.output.store))  # one clear error naming the URL, before any weight is read
     lock = acquire(lock_path(cfg.output.store, cfg, job["key"]), f"store key {job['key']}", waiting,
                    min(POLL_S, cfg.distributed.timeout_s / 4))
     try:
-        cached = None if force else cached_result(job["key"], paths, start)
+        cached = None if force else cached_result(job["key"], paths, start, remote)
         if cached is not None and cfg.method == "corda":
             from .corda_job import serve_cache_hit
 
@@ -190,10 +219,13 @@ def run_job(cfg: JobConfig, show_progress: bool = True, force: bool = False, res
                 return plan.cached
         from .distributed import local_device
 
-        compute = _compute
         if cfg.method == "corda":
-            from .corda_job import compute_corda as compute
-        return compute(cfg, comm, local_device(cfg.model.device), plan.job, plan.paths, show_progress, restart, start)
+            from .corda_job import compute_corda
+
+            return compute_corda(cfg, comm, local_device(cfg.model.device), plan.job, plan.paths, show_progress,
+                                 restart, start)
+        return _compute(cfg, comm, local_device(cfg.model.device), plan.job, plan.paths, show_progress, restart, start,
+                        force)
     finally:
         if lock is not None:
             lock.release()
@@ -215,6 +247,25 @@ def check_inputs(cfg: JobConfig) -> None:
     local_data_files(resolve_data_path(cfg.data.path), cfg.data.path)
     for key in ("forward_fn", "prepare_model_inputs_fn", "prepare_layer_inputs_fn"):
         import_callable(getattr(cfg.hooks, key), f"hooks.{key}")
+
+
+def _publish(local: Path, url: str, force: bool, ckpt: Path | None) -> str | None:
+    """Upload a state computed for a store on object storage; keep it in the local cache (apply then needs no
+    download). None: another job's state was stored first (create-if-absent), ours is discarded."""
+    from . import checkpoint
+    from .remote_store import publish
+    from .statecache import adopt
+
+    won = publish(local, url, create=not force)
+    if ckpt is not None:
+        checkpoint.remove(ckpt)
+    if not won:
+        log.warning("another job stored %s first while this one computed; keeping its state (this one is "
+                    "discarded)", url)
+        return None
+    adopt(local, url)
+    log.info("stored %s", url)
+    return url
 
 
 def _join(cfg: JobConfig, quiet: bool = False) -> Comm:
@@ -285,7 +336,7 @@ def provenance(cfg: JobConfig, job: dict[str, Any], model: torch.nn.Module, kind
 
 
 def _compute(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[str, Any], paths: list[Path], show_progress: bool,
-             restart: bool, start: float) -> JobResult:
+             restart: bool, start: float, force: bool = False) -> JobResult:
     import torch
 
     from . import checkpoint
@@ -321,7 +372,13 @@ def _compute(cfg: JobConfig, comm: Comm, device: torch.device, job: dict[str, An
         if comm.is_main:
             for p in reversed(paths):  # the primary output last, so it is never older than a copy
                 path = state.save(p)
-    if comm.is_main:
-        if not cfg.output.keep_checkpoint:
-            checkpoint.remove(ckpt)
+    remote = remote_entry(cfg, job["key"])
+    if remote:
+        with collectively(comm):  # a failed upload stops every rank with its message
+            if comm.is_main:
+                path = _publish(path, remote, force, ckpt if not cfg.output.keep_checkpoint else None)
+        if comm.is_main and path is None:  # another job stored this key first: the store keeps its state
+            return cached_result(job["key"], paths, start, remote)
+    elif comm.is_main and not cfg.output.keep_checkpoint:
+        checkpoint.remove(ckpt)
     return JobResult(path, state, time.perf_counter() - start, run.rank_stats)

@@ -70,10 +70,14 @@ def rebudget(state: EvaState, r: int, rho: float | None = None) -> EvaState:
 def rebudget_file(state_path: str | Path, output: str | Path, r: int, rho: float | None = None,
                   overwrite: bool = False) -> EvaState:
     """`evapipe rebudget`: load a state with its spectrum, re-budget it and write the result to `output` (an
-    existing file only with `overwrite`)."""
-    if Path(output).resolve() == Path(state_path).resolve():
+    existing file only with `overwrite`). Either may be a URL."""
+    from .remote import is_url
+    from .remote_store import save_state
+
+    if str(output) == str(state_path) or (not is_url(output) and Path(output).resolve() == Path(state_path).resolve()):
         raise ConfigError("--output must differ from --state (the original keeps the spectrum's provenance)")
-    refuse_existing(output, overwrite)
+    if not is_url(output):
+        refuse_existing(output, overwrite)  # before the work; a URL is refused when written (create-if-absent)
     new = rebudget(load_state(state_path), r, rho)
-    new.save(output)
+    save_state(new, output, overwrite)
     return new

@@ -38,6 +38,7 @@ SPECTRUM_FORMAT = FORMAT + ".spectrum"
 TEXT_KEYS = ("format", "task", "created")  # every other metadata value is JSON
 PEFT_PREFIX = "base_model.model."
 MAX_HEADER = 100_000_000
+HEAD_BYTES = 65536  # the first read of a header: most state headers whole, so a remote one costs one request
 CHECKSUM_KEY = "checksum"  # {"metadata": sha256 of the other raw entries, "tensors": sha256 of names, shapes, bytes}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -297,15 +298,34 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 def read_header(path: str | Path) -> dict[str, Any]:
     """The safetensors header of a file, checked entry by entry against the file's size (so truncation and
-    corrupt offsets are caught here, before safetensors reads the file)."""
+    corrupt offsets are caught here, before safetensors reads the file). A URL's header is read with ranged
+    reads: the object itself is not downloaded."""
+    from .remote import is_url, ranged
+
+    if is_url(path):
+        try:
+            size, read = ranged(str(path))
+        except FileNotFoundError:
+            raise StateError(f"state file not found: {path}") from None
+        return parse_header(path, size, read)
     path = require_path(path, "state file", StateError)
-    size = path.stat().st_size
+    with open(path, "rb") as f:
+        def read(start: int, end: int) -> bytes:
+            f.seek(start)
+            return f.read(end - start)
+
+        return parse_header(path, path.stat().st_size, read)
+
+
+def parse_header(path: str | Path, size: int, read: Callable[[int, int], bytes]) -> dict[str, Any]:
+    """read_header on any byte source: `read(start, end)` returns those bytes of a file of `size` bytes."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER or n > size - 8:
-                raise ValueError("header length past end of file")
-            header = json.loads(f.read(n))
+        first = read(0, min(size, HEAD_BYTES))
+        (n,) = struct.unpack("<Q", first[:8])
+        if n > MAX_HEADER or n > size - 8:
+            raise ValueError("header length past end of file")
+        raw = first[8:8 + n] if len(first) >= 8 + n else first[8:] + read(len(first), 8 + n)
+        header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         _check_layout(header, size - 8 - n)
@@ -354,8 +374,11 @@ def parse_metadata(raw: Mapping[str, str], path: str | Path, text_keys: tuple[st
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """Parsed metadata of a state file, checked and migrated to this version, without reading its tensors."""
-    path = Path(path)
+    """Parsed metadata of a state file (a path or a URL), checked and migrated to this version, without reading
+    its tensors."""
+    from .remote import location
+
+    path = location(path)
     header = read_header(path)
     raw = header.get("__metadata__") or {}
     if raw.get("format") != FORMAT:
@@ -420,8 +443,15 @@ def check_layers(meta: Mapping[str, Any], path: str | Path = "state") -> None:
 
 def load_state(path: str | Path, with_spectrum: bool = True) -> EvaState:
     """Load a state file (and its spectrum sidecar when present); corrupt, foreign or inconsistent files raise
-    StateError, so a file that loads is the state that was written."""
-    path = Path(path)
+    StateError, so a file that loads is the state that was written. A URL is downloaded once into the local
+    cache (statecache.py), verified, and loaded from there."""
+    from .remote import is_url, location
+
+    if is_url(path):
+        from .statecache import fetch
+
+        path = fetch(str(path), with_spectrum)
+    path = location(path)
     meta = read_metadata(path)
     raw = read_header(path)["__metadata__"]
     tensors = _load_tensors(path, _checksums(raw, path))  # shapes and dtypes: checked on the header already

@@ -181,25 +181,40 @@ def state_file(cfg: JobConfig) -> str:
     return STATE_FILES[cfg.method]
 
 
-def state_dir(store: str | Path, cfg: JobConfig, key: str) -> Path:
+def state_dir(store: str | Path, cfg: JobConfig, key: str) -> Path | str:
+    """The entry's folder: a Path in a local store, a URL string in one on object storage (remote.py)."""
     from .config import plain_name
+    from .remote import join
 
     if not plain_name(cfg.task):  # also for configs built without validation: never a path out of the store
         raise ConfigError(f"`task` must be a plain name (no '/', '\\', '..' or leading '.'), got {cfg.task!r}")
-    return Path(store) / cfg.task / model_slug(cfg.model.name_or_path) / key
+    return join(store, cfg.task, model_slug(cfg.model.name_or_path), key)
 
 
 def lock_path(store: str | Path, cfg: JobConfig, key: str) -> Path:
     """The lock of one store entry: in the store's hidden `.locks/` folder, so the entry holds only its files."""
+    from .remote import is_url, location
+
+    if is_url(store):  # a lock on this machine only: jobs elsewhere both compute and one wins (remote_store.py)
+        from .statecache import cache_root
+
+        return cache_root() / "locks" / f"{json_digest(str(store), 16)}--{cfg.task}--{key}.lock"
     entry = state_dir(store, cfg, key)
-    return Path(store) / ".locks" / f"{cfg.task}--{entry.parent.name}--{key}.lock"
+    return location(store) / ".locks" / f"{cfg.task}--{entry.parent.name}--{key}.lock"
 
 
-def lookup(path: Path, key: str) -> Path | None:
-    """The stored state at `path` if it is readable and was computed for `key`; None means: compute it.
+def lookup(path: Path | str, key: str) -> Path | str | None:
+    """The stored state at `path` (a path or a URL) if it is readable and was computed for `key`; None means:
+    compute it.
 
     Anything else found there is kept aside (renamed, never deleted) so the recomputed state cannot overwrite it.
     """
+    from .remote import is_url
+
+    if is_url(path):
+        from .remote_store import lookup as remote_lookup
+
+        return remote_lookup(str(path), key)
     if not path.is_file():
         return None
     try:
@@ -226,7 +241,7 @@ def set_aside(path: Path) -> Path:
 class StoreEntry:
     """One state found under a directory: what `evapipe list` shows."""
 
-    path: Path
+    path: Path | str  # a URL string in a store on object storage
     task: str | None = None
     model: str | None = None
     r: int | None = None
@@ -240,21 +255,38 @@ class StoreEntry:
     method: str = "eva"
 
 
-def _is_foreign(path: Path) -> bool:
-    """A readable safetensors file that is not a state (model weights, a spectrum sidecar ...)."""
+def _is_foreign(path: Path | str) -> bool:
+    """A readable safetensors file that is not a state (EVA or CorDA) (model weights, a spectrum sidecar ...)."""
     try:
         return (read_header(path).get("__metadata__") or {}).get("format") not in (FORMAT, CORDA_FORMAT)
     except StateError:
         return False
 
 
+def entry_of(path: Path | str, meta: dict[str, Any], size: int) -> StoreEntry:
+    """What `evapipe list` shows of one readable state."""
+    return StoreEntry(
+        path, task=meta.get("task"), model=(meta.get("model") or {}).get("id"), r=meta.get("r"),
+        rho=meta.get("rho"), total_rank=sum(int(v) for v in meta["ranks"].values()), tokens=meta.get("tokens"),
+        created=meta.get("created"), size=size, key=meta.get("store_key"), method=meta.get("method", "eva"),
+    )
+
+
 def list_states(directory: str | Path) -> list[StoreEntry]:
-    """Every state (EVA or CorDA) under `directory` (a store or any folder), sorted by task, model and creation time.
+    """Every state (EVA or CorDA) under `directory` (a store or any folder, a path or a URL), sorted by task, model
+    and creation time.
 
     Unreadable states are listed with their error; other safetensors files, hidden folders, checkpoints
     (`*.zarr`) and temporary files are skipped.
     """
-    directory = Path(directory)
+    from .remote import check_reachable, location
+
+    directory = location(directory)
+    if isinstance(directory, str):
+        from .remote_store import list_remote
+
+        check_reachable(directory)
+        return _sorted(list_remote(directory))
     if not directory.is_dir():
         raise StateError(f"not a directory: {directory}")
     entries = []
@@ -265,15 +297,17 @@ def list_states(directory: str | Path) -> list[StoreEntry]:
                 continue
             path = Path(root) / name
             size = path.stat().st_size + (spectrum_path(path).stat().st_size if spectrum_path(path).is_file() else 0)
-            try:
-                meta = read_state_metadata(path)
-            except StateError as err:
-                if not _is_foreign(path):
-                    entries.append(StoreEntry(path, size=size, error=str(err)))
-                continue
-            entries.append(StoreEntry(
-                path, task=meta.get("task"), model=(meta.get("model") or {}).get("id"), r=meta.get("r"),
-                rho=meta.get("rho"), total_rank=sum(int(v) for v in meta["ranks"].values()), tokens=meta.get("tokens"),
-                created=meta.get("created"), size=size, key=meta.get("store_key"), method=meta.get("method", "eva"),
-            ))
+            entries += entry_at(path, size)
+    return _sorted(entries)
+
+
+def entry_at(path: Path | str, size: int) -> list[StoreEntry]:
+    """The listing of one safetensors file: its entry, an unreadable one with its error, or none (not a state)."""
+    try:
+        return [entry_of(path, read_state_metadata(path), size)]
+    except StateError as err:
+        return [] if _is_foreign(path) else [StoreEntry(path, size=size, error=str(err))]
+
+
+def _sorted(entries: list[StoreEntry]) -> list[StoreEntry]:
     return sorted(entries, key=lambda e: (e.task or "", e.model or "", e.created or "", str(e.path)))
