@@ -147,7 +147,7 @@ class EvaRun:
         owners, width = p.layout.owners, max(self.caps.values())
         share = partial(self._local_agreement, n_local, owners, width)
         with collectively(self.comm, values=share) as shared:
-            self.pool.update(routed)
+            self.pool.update(routed, p.step)
         self._decide(Agreement.unpack(shared.values, owners, width, self.caps))
         p.step += 1
 

@@ -173,14 +173,15 @@ class SequentialRun(EvaRun):
         return Layout.of(groups, order)
 
     def _feed(self, owners: Sequence[str], tokens: dict[str, torch.Tensor], rows: dict[str, list[int]],
-              copies: RoundCopies) -> None:
-        """Route one batch's tokens of `owners` to their owner ranks, update, and keep a copy of each PCA."""
+              copies: RoundCopies, step: int) -> None:
+        """Route one batch's (step `step`) tokens of `owners` to their owner ranks, update, and keep a copy of each
+        PCA."""
         for o in owners:
             rows[o].append(int(tokens[o].shape[0]) if o in tokens else 0)
         pool = self.pool
         routed = pool.route(tokens, owners)
         with collectively(self.comm):  # a failed update or copy (a full temporary folder) stops every rank
-            pool.update(routed)
+            pool.update(routed, step)
             for o in owners:
                 if o in pool.states:
                     copies.keep(o, pool.states[o])
@@ -209,12 +210,12 @@ class SequentialRun(EvaRun):
                 here = [o for o in fed if self.block_of[o] == i]
                 self._capture_only(here)
                 with self.blocks.onloaded(i) as block:
-                    for item in items:
+                    for j, item in enumerate(items):
                         tokens = {}
                         with collectively(self.comm):
                             tokens = self._through(block, item)
                         if here:
-                            self._feed(here, tokens, rows, copies)
+                            self._feed(here, tokens, rows, copies, start + j)
             taken = self._replay(owners, fed, rows, copies, len(items), after_step)
         early = taken < len(items) and not self.done and self.progress.step != self.settings.max_batches
         log.info("sequential round at step %d: %d batch(es) through blocks 0-%d, %d step(s) taken%s", start,
