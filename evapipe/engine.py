@@ -73,4 +73,4 @@ class EvaRun(Driver):
             feeding = core.progress.layout.owners
         n_local = core.local_tokens(tokens, feeding)
         routed = core.pool.route(tokens, feeding)
-        core.agree(n_local, lambda: core.pool.update(routed))
+        core.agree(n_local, lambda: core.pool.update(routed, core.progress.step))

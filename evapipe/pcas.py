@@ -16,6 +16,7 @@ import torch
 
 from . import ipca
 from .distributed import Comm, assign_owners
+from .guards import non_finite_inputs
 
 
 class PCAPool:
@@ -56,11 +57,16 @@ class PCAPool:
         self.comm_s += time.perf_counter() - t0
         return {o: v for o, v in routed.items() if o in self.states}
 
-    def update(self, routed: Mapping[str, torch.Tensor]) -> None:
-        """Fold routed rows into this rank's PCAs (layers of the same width share batched small algebra)."""
+    def update(self, routed: Mapping[str, torch.Tensor], step: int) -> None:
+        """Fold routed rows into this rank's PCAs (layers of the same width share batched algebra); rows with NaN/Inf
+        are a DataError naming their layers and batch `step`, before any PCA changes."""
         t0 = time.perf_counter()
         mine = list(routed)
-        ipca.update_many([self.states[o] for o in mine], [routed[o].to(self.device) for o in mine])
+        try:
+            ipca.update_many([self.states[o] for o in mine], [routed[o].to(self.device) for o in mine])
+        except ipca.NonFiniteInputs as err:
+            bad = [mine[i] for i in err.indices]
+            raise non_finite_inputs(bad, routed[bad[0]].dtype, step) from None
         self.tokens += sum(int(routed[o].shape[0]) for o in mine)
         self.svd_s += time.perf_counter() - t0
 

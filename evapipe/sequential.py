@@ -183,12 +183,13 @@ class SequentialRun(Driver):
             raise ConfigError("the first batch reached none of the target layers; check eva.target_modules")
         return Layout.of(groups, order)
 
-    def _feed(self, owners: Sequence[str], tokens: dict[str, torch.Tensor], copies: RoundCopies) -> None:
-        """Route one batch's tokens of `owners` to their owner ranks, update, and keep a copy of each PCA."""
+    def _feed(self, owners: Sequence[str], tokens: dict[str, torch.Tensor], copies: RoundCopies, step: int) -> None:
+        """Route one batch's (step `step`) tokens of `owners` to their owner ranks, update, and keep a copy of each
+        PCA."""
         pool = self.pool
         routed = pool.route(tokens, list(owners))
         with collectively(self.comm):  # a failed update or copy (a full temporary folder) stops every rank
-            pool.update(routed)
+            pool.update(routed, step)
             for o, state in self.core.states(list(owners)).items():
                 copies.keep(o, state)
 
@@ -227,7 +228,7 @@ class SequentialRun(Driver):
                             tokens = self._through(i, block, item)
                         if here:
                             counts.add(here, tokens, j, self.core.experts.tokens)
-                            self._feed(here, tokens, copies)
+                            self._feed(here, tokens, copies, start + j)
             taken = self._replay(owners, fed, counts, copies, after_step)
         early = taken < len(flights) and not self.done and self.progress.step != self.settings.max_batches
         log.info("sequential round at step %d: %d batch(es) through blocks 0-%d, %d step(s) taken%s", start,
