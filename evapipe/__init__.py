@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "EvaSettings": "config", "JobConfig": "config", "load_config": "config", "config_from_dict": "config",
     "compute_eva_state": "compute", "run_job": "job",
-    "EvaState": "state", "load_state": "state", "read_metadata": "state",
+    "EvaState": "state", "load_state": "statecache", "read_metadata": "state",
     "apply_eva_state": "apply", "apply_to_directory": "apply", "to_peft_state_dict": "apply",
     "check_adapter_dir": "adapter_check",
     "list_states": "store", "CordaSettings": "config", "load_corda_state": "corda_state",

@@ -34,7 +34,8 @@ from .experts import module_name
 from .metadata import StateMeta
 from .models import class_traits, load_model, model_fingerprint
 from .remote import is_url
-from .state import PEFT_PREFIX, EvaState, load_state, make_public, read_metadata, strip_peft_prefix
+from .state import PEFT_PREFIX, EvaState, make_public, read_metadata, strip_peft_prefix
+from .statecache import load_state
 from .targets import TRAINED_HEADS, linear_shape
 
 if TYPE_CHECKING:

@@ -119,7 +119,7 @@ def push(state: str | Path, url: str, license: str | None = None) -> list[str]:
     """`evapipe push`: upload a state, its sidecar and a card to `url` (a Hub repo `hf://org/name`, or any store
     URL or folder). A Hub repo is created if missing. Returns what was written."""
     from .remote import upload
-    from .state import load_state
+    from .statecache import load_state
 
     loaded = load_state(state)  # verified (downloaded first if `state` is a URL)
     with tempfile.TemporaryDirectory(prefix="evapipe-push-") as tmp:

@@ -19,7 +19,8 @@ import torch
 from .apply import state_from_peft, to_peft_state_dict
 from .errors import ConfigError, StateError, require_path
 from .metadata import versions
-from .state import PEFT_PREFIX, EvaState, load_state, refuse_existing
+from .state import PEFT_PREFIX, EvaState, refuse_existing
+from .statecache import load_state
 
 STATE_SUFFIX = ".safetensors"
 

@@ -81,8 +81,8 @@ def remote_entry(cfg: JobConfig, key: str) -> str | None:
 def output_paths(cfg: JobConfig, key: str) -> list[Path]:
     """Where the state goes: the store entry (when output.store is set; a local work path for a store on object
     storage) first, then output.path."""
+    from .remote import cache_root
     from .sources import json_digest
-    from .statecache import cache_root
     from .store import STATE_FILE, state_dir, state_file
 
     remote = remote_entry(cfg, key)

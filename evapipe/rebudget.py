@@ -15,7 +15,8 @@ from .assemble import assemble_state
 from .errors import ConfigError, StateError
 from .metadata import utc_now
 from .planning import Layout, allocate, component_caps, groups_with_singles
-from .state import EvaState, load_state, refuse_existing
+from .state import EvaState, refuse_existing
+from .statecache import load_state
 
 
 def shared_groups(meta: dict[str, Any]) -> list[list[str]]:

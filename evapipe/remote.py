@@ -13,6 +13,7 @@ and with `create=True` only if none is there yet (S3's `If-None-Match: *`).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -203,3 +204,11 @@ def hub_repo(url: str) -> tuple[str, str, str | None, str]:
         raise ConfigError(f"{url}: a Hub URL names a repository, hf://[datasets/]org/name[/path]")
     name, _, revision = parts[1].partition("@")
     return repo_type, f"{parts[0]}/{name}", revision or None, "/".join(parts[2:])
+
+
+def cache_root() -> Path:
+    """Where remote states, work folders and local locks of remote stores go."""
+    if os.environ.get("EVAPIPE_CACHE"):
+        return Path(os.environ["EVAPIPE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "evapipe"

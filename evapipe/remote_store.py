@@ -99,10 +99,8 @@ def remote_sidecar(state_url: str, spectrum_id: str | None) -> str | None:
     return None
 
 
-def list_remote(url: str) -> list:
-    """`evapipe list` on a store URL: every state under it, read from headers (nothing downloaded)."""
-    from .store import entry_at
-
+def list_remote(url: str) -> list[tuple[str, int]]:
+    """What `evapipe list` reads on a store URL: every candidate state object with its size (sidecar included)."""
     objects = find(url)
     entries = []
     for obj, size in sorted(objects.items()):
@@ -111,7 +109,7 @@ def list_remote(url: str) -> list:
         if (not name.endswith(".safetensors") or name.endswith(SPECTRUM_SUFFIX)
                 or any(p.startswith(".") or p.endswith(".zarr") for p in rel)):
             continue
-        entries += entry_at(obj, size + objects.get(sidecar_url(obj), 0))
+        entries.append((obj, size + objects.get(sidecar_url(obj), 0)))
     return entries
 
 

@@ -441,16 +441,11 @@ def check_layers(meta: Mapping[str, Any], path: str | Path = "state") -> None:
         raise StateError(f"{path}: metadata is inconsistent ({'; '.join(problems)})")
 
 
-def load_state(path: str | Path, with_spectrum: bool = True) -> EvaState:
-    """Load a state file (and its spectrum sidecar when present); corrupt, foreign or inconsistent files raise
-    StateError, so a file that loads is the state that was written. A URL is downloaded once into the local
-    cache (statecache.py), verified, and loaded from there."""
-    from .remote import is_url, location
+def load_state_file(path: str | Path, with_spectrum: bool = True) -> EvaState:
+    """Load a local state file (and its spectrum sidecar when present); corrupt, foreign or inconsistent files
+    raise StateError, so a file that loads is the state that was written. (`statecache.load_state` takes URLs.)"""
+    from .remote import location
 
-    if is_url(path):
-        from .statecache import fetch
-
-        path = fetch(str(path), with_spectrum)
     path = location(path)
     meta = read_metadata(path)
     raw = read_header(path)["__metadata__"]

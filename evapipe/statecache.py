@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 
 from .errors import StateError, StorageError
+from .remote import cache_root
+from .state import EvaState, load_state_file
 
 log = logging.getLogger("evapipe")
 
@@ -23,12 +25,6 @@ STATE_NAME = "eva.safetensors"
 SIDECAR_NAME = "eva.spectrum.safetensors"
 
 
-def cache_root() -> Path:
-    """Where remote states, work folders and local locks of remote stores go."""
-    if os.environ.get("EVAPIPE_CACHE"):
-        return Path(os.environ["EVAPIPE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "evapipe"
 
 
 def header_digest(header: dict) -> str:
@@ -73,13 +69,13 @@ def fetch(url: str, with_spectrum: bool = True) -> Path:
 def _download_verified(url: str, dst: Path, header: dict) -> None:
     """Download to a temporary file, check it is the state whose header was read, and rename it into place."""
     from .remote import download
-    from .state import atomic_write, load_state, read_header
+    from .state import atomic_write, read_header
 
     def write(tmp: str) -> None:
         download(url, Path(tmp))
         if read_header(tmp) != header:
             raise StateError(f"{url} changed while it was downloaded; try again")
-        load_state(tmp, with_spectrum=False)  # every checksum and value: a cached state is a verified one
+        load_state_file(tmp, with_spectrum=False)  # every checksum and value: a cached state is a verified one
 
     log.info("downloading %s into the local cache %s", url, dst.parent)
     atomic_write(dst, write)
@@ -116,3 +112,11 @@ def adopt(local_state: Path, url: str) -> None:
     os.replace(local_state, entry / STATE_NAME)
     _url_record(url).parent.mkdir(parents=True, exist_ok=True)
     _url_record(url).write_text(entry.name)
+
+
+def load_state(path: str | Path, with_spectrum: bool = True) -> EvaState:
+    """Load a state from a path or a URL: a URL is downloaded once into the local cache, verified, and loaded from
+    there; corrupt, foreign or inconsistent files raise StateError, so a state that loads is the one written."""
+    from .remote import is_url
+
+    return load_state_file(fetch(str(path), with_spectrum) if is_url(path) else path, with_spectrum)

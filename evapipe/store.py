@@ -196,7 +196,7 @@ def lock_path(store: str | Path, cfg: JobConfig, key: str) -> Path:
     from .remote import is_url, location
 
     if is_url(store):  # a lock on this machine only: jobs elsewhere both compute and one wins (remote_store.py)
-        from .statecache import cache_root
+        from .remote import cache_root
 
         return cache_root() / "locks" / f"{json_digest(str(store), 16)}--{cfg.task}--{key}.lock"
     entry = state_dir(store, cfg, key)
@@ -286,7 +286,7 @@ def list_states(directory: str | Path) -> list[StoreEntry]:
         from .remote_store import list_remote
 
         check_reachable(directory)
-        return _sorted(list_remote(directory))
+        return _sorted([e for path, size in list_remote(directory) for e in entry_at(path, size)])
     if not directory.is_dir():
         raise StateError(f"not a directory: {directory}")
     entries = []

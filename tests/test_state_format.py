@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO
 from evapipe.errors import StateError
 from evapipe.metadata import FORMAT_VERSION, MIGRATIONS
-from evapipe.state import load_state, read_metadata, spectrum_path
+from evapipe.state import read_metadata, spectrum_path
+from evapipe.statecache import load_state
 
 FIXTURES = REPO / "tests" / "fixtures"
 V1, V2 = FIXTURES / "state_v1.safetensors", FIXTURES / "state_v2.safetensors"
@@ -157,7 +158,7 @@ def test_a_sidecar_from_another_write_is_not_used(tmp_path, caplog):
 KILL_DURING_WRITE = """
 import os, signal, sys
 import safetensors.torch as st
-from evapipe.state import load_state
+from evapipe.statecache import load_state
 target, which = sys.argv[1], sys.argv[2]
 real = st.save_file
 def dying_save(tensors, filename, metadata=None):
