@@ -56,7 +56,7 @@ def packed_text_ids(tokenizer: Any, text: str, seq_len: int, seed: int) -> torch
 
         docs = [topics[k] for k in sorted(topics)]
     else:
-        from evapipe.sources import resolve_data_path
+        from evapipe.core.sources import resolve_data_path
 
         lines = Path(resolve_data_path("builtin:support_intents")).read_text().splitlines()
         docs = [json.loads(line)["text"] for line in lines]
@@ -75,7 +75,7 @@ def build_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.case == "minilm":
         from transformers import AutoTokenizer
 
-        from evapipe.sources import resolve_model_path
+        from evapipe.core.sources import resolve_model_path
 
         model_path = resolve_model_path("builtin:minilm")
         ids = packed_text_ids(AutoTokenizer.from_pretrained(model_path), args.text, args.seq_len, args.seed)
@@ -164,7 +164,7 @@ class Meter:
 # -- the three phases, each in its own process -------------------------------------------------------------------------
 def execution_order(model: Any, batch: dict, names: list[str]) -> list[str]:
     """Target layers in the order a forward pass reaches them (not module order)."""
-    from evapipe.capture import Capture
+    from evapipe.model.capture import Capture
 
     cap = Capture(model, names)
     with torch.no_grad():
@@ -177,7 +177,8 @@ def apply_knobs(knobs: list[str], ablate: list[str]) -> None:
     """Set evapipe module constants (`ipca.FIRST_POWER_ITERATIONS=0`) and switch levers off, in this process only."""
     import importlib
 
-    from evapipe import capture, forward, ipca, planning
+    from evapipe.eva import ipca, planning
+    from evapipe.model import capture, forward
 
     for knob in knobs:
         target, _, value = knob.partition("=")
@@ -204,8 +205,8 @@ def apply_knobs(knobs: list[str], ablate: list[str]) -> None:
 
 def phase_evapipe(model: Any, batches: list, case: dict, args: argparse.Namespace) -> dict[str, Any]:
     from evapipe import EvaSettings
-    from evapipe.engine import EvaRun
-    from evapipe.forward import cycle_batches
+    from evapipe.model.forward import cycle_batches
+    from evapipe.run.engine import EvaRun
 
     apply_knobs(args.knob, args.ablate)
     settings = EvaSettings(r=case["r"], rho=case["rho"], tau=case["tau"], target_modules=case["targets"],
@@ -225,7 +226,7 @@ def phase_peft(model: Any, batches: list, case: dict, args: argparse.Namespace) 
     from peft import EvaConfig, LoraConfig
     from peft.tuners.lora.eva import get_eva_state_dict
 
-    from evapipe.state import strip_peft_prefix
+    from evapipe.states.state import strip_peft_prefix
 
     cfg = LoraConfig(r=case["r"], lora_alpha=case["r"], target_modules=case["targets"],
                      eva_config=EvaConfig(rho=case["rho"], tau=case["tau"]))
@@ -246,7 +247,7 @@ def phase_peft(model: Any, batches: list, case: dict, args: argparse.Namespace) 
 
 def phase_floor(model: Any, batches: list, case: dict, args: argparse.Namespace) -> dict[str, Any]:
     """Bare forward passes over the first `--floor-batches` batches, cut at the deepest target layer's input."""
-    from evapipe.capture import StopForward
+    from evapipe.model.capture import StopForward
 
     deepest = execution_order(model, batches[0], [t.name for t in _targets(model, case)])[-1]
     module = model.get_submodule(deepest)
@@ -277,7 +278,7 @@ def phase_floor(model: Any, batches: list, case: dict, args: argparse.Namespace)
 
 
 def _targets(model: Any, case: dict) -> list:
-    from evapipe.targets import resolve_targets
+    from evapipe.model.targets import resolve_targets
 
     return resolve_targets(model, case["targets"])
 
@@ -341,8 +342,8 @@ class Moments:
 
 def layer_moments(model: Any, batches: list, owners: list[str], prefixes: list[int], device: str) -> tuple[dict, dict]:
     """Moments of each owner layer's tokens over the whole data, and over the first n batches for each n in prefixes."""
-    from evapipe.capture import Capture, TokenSelector
-    from evapipe.planning import StepPlan
+    from evapipe.model.capture import Capture, TokenSelector
+    from evapipe.model.layout import StepPlan
 
     widths = {t.name: t.in_features for t in _targets(model, {"targets": owners})}
     cap = Capture(model, owners)

@@ -49,7 +49,7 @@ def synthetic_model(folder: Path, hidden: int, layers: int, arch: str = "llama")
     import torch
     import transformers as tf
 
-    from evapipe.sources import resolve_model_path
+    from evapipe.core.sources import resolve_model_path
 
     tok = tf.AutoTokenizer.from_pretrained(resolve_model_path("builtin:minilm"))
     torch.manual_seed(0)

@@ -55,7 +55,7 @@ def peft_run(model_dir: str, samples: int, work: str) -> None:
     from peft.tuners.lora.corda import preprocess_corda
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evapipe.sources import resolve_data_path
+    from evapipe.core.sources import resolve_data_path
 
     rows = load_dataset("json", data_files=resolve_data_path("builtin:support_intents"), split="train")
     texts = [r["text"] for r in rows.select(range(samples))]

@@ -40,7 +40,7 @@ def tiny_llama(folder: Path, hidden: int, layers: int, tokenizer: str) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from evapipe.sources import resolve_model_path
+    from evapipe.core.sources import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer))
     torch.manual_seed(0)

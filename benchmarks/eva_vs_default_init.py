@@ -36,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from evapipe.quiet import quiet_dependencies  # noqa: E402
+from evapipe.core.quiet import quiet_dependencies  # noqa: E402
 
 quiet_dependencies()  # before transformers / peft are imported
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ SMOOTH = 10  # running-mean window for the printed curves
 
 def load_task(tok: Any, max_length: int) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(label names, tokenized train set, tokenized held-out set); labels as class indices."""
-    from evapipe.sources import resolve_data_path
+    from evapipe.core.sources import resolve_data_path
 
     def read(name: str) -> list[dict]:
         return [json.loads(line) for line in Path(resolve_data_path(f"builtin:{name}")).read_text().splitlines()]
@@ -158,7 +158,7 @@ def first_below(curve: list[float], level: float) -> int | None:
 
 def one_seed(path: str, labels: list[str], state: Any, train_set: dict, heldout: dict, args: argparse.Namespace,
              seed: int) -> dict:
-    from evapipe.apply import apply_eva_state
+    from evapipe.adapters.apply import apply_eva_state
 
     runs, heads = {}, []
     for name in ("eva", "default"):
@@ -264,7 +264,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from evapipe.sources import resolve_model_path
+    from evapipe.core.sources import resolve_model_path
 
     path = resolve_model_path("builtin:minilm")
     labels, train_set, heldout = load_task(AutoTokenizer.from_pretrained(path), args.max_length)

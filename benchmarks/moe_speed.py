@@ -42,7 +42,7 @@ def synthetic_gpt_oss(folder: Path, hidden: int, layers: int, experts: int) -> s
     import torch
     from transformers import AutoTokenizer, GptOssConfig, GptOssForCausalLM
 
-    from evapipe.sources import resolve_model_path
+    from evapipe.core.sources import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:minilm"))
     torch.manual_seed(0)

@@ -59,7 +59,7 @@ def batches(tokens: int, width: int, layers: int, count: int, seed: int) -> list
 
 
 def measure(tokens: int, width: int, layers: int, r: int, rho: float, warmup: int, timed: int) -> dict[str, float]:
-    from evapipe import ipca
+    from evapipe.eva import ipca
 
     data = batches(tokens, width, layers, warmup + timed, seed=0)
     states = [ipca.new_state(width, int(r * rho), None, seed=i) for i in range(layers)]

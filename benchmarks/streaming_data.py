@@ -48,9 +48,9 @@ def measure(data: str, streaming: bool) -> None:
     start = time.perf_counter()
     from transformers import AutoTokenizer
 
-    from evapipe.config import DataConfig
+    from evapipe.core.config import DataConfig
+    from evapipe.core.sources import resolve_model_path
     from evapipe.data import make_collator, open_rows, rank_batches
-    from evapipe.sources import resolve_model_path
 
     cfg = DataConfig(path=data, streaming=streaming, batch_size=8, max_length=128, shuffle=False)
     collate = make_collator(AutoTokenizer.from_pretrained(resolve_model_path("builtin:minilm")), cfg, "causal-lm")

@@ -25,15 +25,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "EvaSettings": "config", "JobConfig": "config", "load_config": "config", "config_from_dict": "config",
+    "EvaSettings": "core.config", "JobConfig": "core.config", "load_config": "core.config", "config_from_dict": "core.config",
     "compute_eva_state": "compute", "run_job": "job",
-    "EvaState": "state", "load_state": "statecache", "read_metadata": "state",
-    "apply_eva_state": "apply", "apply_to_directory": "apply", "to_peft_state_dict": "apply",
-    "check_adapter_dir": "adapter_check",
-    "list_states": "store", "CordaSettings": "config", "load_corda_state": "corda_state",
-    "apply_corda_state": "corda_apply", "apply_corda_to_directory": "corda_apply", "rebudget": "rebudget", "rebudget_file": "rebudget", "convert_file": "convert",
-    "quiet_dependencies": "quiet",
-    "push": "card", "write_card": "card",
+    "EvaState": "states.state", "load_state": "states.statecache", "read_metadata": "states.state",
+    "apply_eva_state": "adapters.apply", "apply_to_directory": "adapters.apply", "to_peft_state_dict": "adapters.apply",
+    "check_adapter_dir": "adapters.check",
+    "list_states": "states.store", "CordaSettings": "core.config", "load_corda_state": "states.corda_state",
+    "apply_corda_state": "adapters.corda", "apply_corda_to_directory": "adapters.corda", "rebudget": "states.rebudget", "rebudget_file": "states.rebudget", "convert_file": "adapters.convert",
+    "quiet_dependencies": "core.quiet",
+    "push": "states.card", "write_card": "states.card",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .config import MODEL_KINDS
-from .errors import EvapipeError
-from .quiet import quiet_dependencies
+from .core.config import MODEL_KINDS
+from .core.errors import EvapipeError
+from .core.quiet import quiet_dependencies
 
 if TYPE_CHECKING:
-    from .job import JobResult
+    from .run.result import JobResult
 
 
 class _Group(click.Group):
@@ -69,7 +69,7 @@ def compute_command(config_path: str, overrides: tuple[str, ...], no_progress: b
     Rank 0 prints the result on stdout (the per-layer rank table and the path written, or --json); progress and
     logs go to stderr, so `... > summary.txt` keeps only the result.
     """
-    from .config import load_config
+    from .core.config import load_config
     from .job import launcher_rank, run_job
 
     try:
@@ -85,12 +85,14 @@ def compute_command(config_path: str, overrides: tuple[str, ...], no_progress: b
 
 def _job_output(result: JobResult, as_json: bool) -> str:
     """The compute job's result as `evapipe compute` prints it (a cache hit's from its file's metadata)."""
-    from .report import job_record, job_summary
-    from .state import read_metadata
+    from .states.corda_state import read_state_metadata
+    from .states.report import corda_summary, job_record, job_summary
 
-    meta = result.state.meta if result.state is not None else read_metadata(result.path)
+    meta = result.state.meta if result.state is not None else read_state_metadata(result.path)
     args = (meta, result.rank_stats, result.seconds, result.path, result.cached)
-    return json.dumps(job_record(*args), indent=2) if as_json else job_summary(*args).lstrip("\n")
+    if as_json:
+        return json.dumps(job_record(*args), indent=2)
+    return (corda_summary if meta.get("method") == "corda" else job_summary)(*args).lstrip("\n")
 
 
 main.add_command(compute_command)
@@ -108,10 +110,10 @@ main.add_command(compute_command)
 def estimate_command(config_path: str, overrides: tuple[str, ...], device_memory: str | None, world_size: int) -> None:
     """Print the memory the job needs per process in each offload mode (weights, activations, PCA state,
     spectrum), and whether it fits the device."""
-    from .config import load_config
-    from .estimate import device_memory as seen_device
-    from .estimate import estimate, report
-    from .memory import budget_bytes
+    from .core.config import load_config
+    from .model.memory import budget_bytes
+    from .run.estimate import device_memory as seen_device
+    from .run.estimate import estimate, report
 
     cfg = load_config(config_path, overrides)
     device, memory = ("given", budget_bytes(device_memory)) if device_memory else seen_device()
@@ -125,8 +127,8 @@ def estimate_command(config_path: str, overrides: tuple[str, ...], device_memory
               help="Also write a figure (PNG) of rank per layer and explained variance kept (needs matplotlib).")
 def show_command(state_path: str, as_json: bool, plot: str | None) -> None:
     """Print a state's per-layer rank / explained-variance / convergence table (alias: inspect)."""
-    from .corda_state import read_state_metadata
-    from .report import corda_table, layer_table, plot_layers
+    from .states.corda_state import read_state_metadata
+    from .states.report import corda_table, layer_table, plot_layers
 
     meta = read_state_metadata(state_path)
     if meta.get("method") == "corda":
@@ -157,7 +159,7 @@ main.add_command(show_command, "inspect")
 @main.command("config-reference")
 def config_reference_command() -> None:
     """Print every config key with its default and meaning (Markdown)."""
-    from .config import reference_markdown
+    from .core.config import reference_markdown
 
     click.echo(reference_markdown())
 
@@ -223,8 +225,8 @@ def apply_command(state_path: str, output: str, load_4bit: bool, load_8bit: bool
     (PeftModel.from_pretrained(OUTPUT/residual_model, OUTPUT, is_trainable=True)).
     With --baseline the adapter is the same but keeps PEFT's default init, for an A/B run that differs only in it.
     """
-    from .apply import apply_to_directory, read_provenance
-    from .corda_state import is_corda_state
+    from .adapters.apply import apply_to_directory, read_provenance
+    from .states.corda_state import is_corda_state
 
     if is_corda_state(state_path):
         _apply_corda(state_path, output, load_4bit or load_8bit, **options)
@@ -244,7 +246,7 @@ def apply_command(state_path: str, output: str, load_4bit: bool, load_8bit: bool
 def _apply_corda(state_path: str, output: str, quantized: bool, *, kind: str | None, num_labels: int | None,
                  use_dora: bool, use_rslora: bool, seed: int, **options) -> None:
     """`evapipe apply` of a CorDA state: the adapter plus the residual model it trains on."""
-    from .corda_apply import RESIDUAL_DIR, apply_corda_to_directory
+    from .adapters.corda import RESIDUAL_DIR, apply_corda_to_directory
 
     unsupported = [flag for flag, on in (("--load-in-4bit/--load-in-8bit", quantized), ("--kind", kind),
                                          ("--num-labels", num_labels), ("--use-dora", use_dora),
@@ -267,7 +269,7 @@ def check_command(adapter_dir: str, **options) -> None:
     init with a frozen head). Reads no weights (the model is built on the meta device); exit 2 with what to run
     instead when it does not fit.
     """
-    from .adapter_check import check_adapter_dir
+    from .adapters.check import check_adapter_dir
 
     fit = check_adapter_dir(adapter_dir, **options)
     full = f"; trained in full: {', '.join(fit.trained_in_full)}" if fit.trained_in_full else ""
@@ -286,8 +288,8 @@ def list_command(directory: str | None, as_json: bool) -> None:
     import dataclasses
     import os
 
-    from .report import store_table
-    from .store import list_states
+    from .states.report import store_table
+    from .states.store import list_states
 
     entries = list_states(directory or os.environ.get("EVAPIPE_STORE") or ".")
     if as_json:
@@ -304,7 +306,7 @@ def list_command(directory: str | None, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing file at --output.")
 def rebudget_command(state_path: str, r: int, rho: float | None, output: str, overwrite: bool) -> None:
     """Redistribute a state's ranks for another budget from its stored spectrum, without a forward pass."""
-    from .rebudget import rebudget_file
+    from .states.rebudget import rebudget_file
 
     state = rebudget_file(state_path, output, r, rho, overwrite=overwrite)
     ranks = list(state.ranks.values())
@@ -332,7 +334,7 @@ def convert_command(src: str, dst: str, no_prefix: bool, overwrite: bool, **sett
 
     The direction follows the file names. PEFT files carry no metadata: give what they lack as options.
     """
-    from .convert import convert_file
+    from .adapters.convert import convert_file
 
     state = convert_file(src, dst, prefix=not no_prefix, overwrite=overwrite, **settings)
     click.echo(f"wrote {dst}: {len(state.ranks)} layers, total rank {state.total_rank()}")
@@ -347,7 +349,7 @@ def convert_command(src: str, dst: str, no_prefix: bool, overwrite: bool, **sett
                                           "(e.g. hf://org/repo/eva.safetensors); default: eva.safetensors.")
 def card_command(state_path: str, out_dir: str, license_: str | None, url: str | None) -> None:
     """Write a state's model card (README.md with Hub front matter: base model, datasets, tags, license) locally."""
-    from .card import write_card
+    from .states.card import write_card
 
     for path in write_card(state_path, out_dir, license_, url):
         click.echo(f"wrote {path}")
@@ -361,7 +363,7 @@ def push_command(state_path: str, url: str, license_: str | None) -> None:
     """Publish a state: upload it, its spectrum sidecar and a model card to URL (a Hub repo hf://org/name, a
     store URL such as s3://bucket/prefix, or a folder). The state goes last, so it is visible only when complete.
     Credentials: HF_TOKEN / `huggingface-cli login`, the AWS variables, Google's default credentials."""
-    from .card import push
+    from .states.card import push
 
     for dst in push(state_path, url, license_):
         click.echo(f"uploaded {dst}")

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from .config import EvaSettings
-    from .distributed import Comm
-    from .forward import ForwardFn
-    from .state import EvaState
+    from .core.config import EvaSettings
+    from .core.distributed import Comm
+    from .model.forward import ForwardFn
+    from .states.state import EvaState
 
 
 def compute_eva_state(
@@ -44,10 +44,10 @@ def compute_eva_state(
 
     import torch
 
-    from .config import EvaSettings
-    from .engine import EvaRun
-    from .forward import UserHooks, cycle_batches
-    from .models import model_info
+    from .core.config import EvaSettings
+    from .model.forward import UserHooks, cycle_batches
+    from .model.loading import model_info
+    from .run.engine import EvaRun
 
     settings = dataclasses.replace(settings or EvaSettings(), **overrides)
     training = model.training
@@ -74,7 +74,7 @@ def _length(dataloader: Iterable[Any]) -> int | None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m evapipe.compute` (and `accelerate launch -m evapipe.compute`)."""
     from .cli import compute_command
-    from .quiet import quiet_dependencies
+    from .core.quiet import quiet_dependencies
 
     quiet_dependencies()
     compute_command.main(args=argv, prog_name="python -m evapipe.compute")

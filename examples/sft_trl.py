@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from evapipe.adapter_check import check_adapter_dir
+    from evapipe.adapters.check import check_adapter_dir
 
     model_path = base_model(args)
     check_adapter_dir(args.adapter, model_path)  # 1. fails with what to run instead

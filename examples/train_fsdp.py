@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evapipe.adapter_check import check_adapter_dir
-    from evapipe.config import DataConfig
+    from evapipe.adapters.check import check_adapter_dir
+    from evapipe.core.config import DataConfig
     from evapipe.data import make_collator, open_rows, rank_batches
 
     cuda = torch.cuda.is_available()

@@ -33,9 +33,9 @@ from transformers import (  # noqa: E402
 )
 
 from evapipe import compute_eva_state, load_config, load_state  # noqa: E402
-from evapipe.apply import apply_eva_state  # noqa: E402
+from evapipe.adapters.apply import apply_eva_state  # noqa: E402
+from evapipe.core.sources import resolve_data_path, resolve_model_path  # noqa: E402
 from evapipe.data import make_collator, open_rows, rank_batches  # noqa: E402
-from evapipe.sources import resolve_data_path, resolve_model_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ MINILM_TARGETS = ["query", "key", "value", "intermediate.dense", "output.dense"]
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from evapipe.sources import resolve_model_path
+    from evapipe.core.sources import resolve_model_path
 
     return resolve_model_path("builtin:minilm")
 

@@ -19,7 +19,7 @@ _calls = 0
 
 
 def fail_on_rank1_step2(model: Any, inputs: Any) -> Any:
-    from evapipe.forward import default_forward
+    from evapipe.model.forward import default_forward
 
     global _calls
     _calls += 1

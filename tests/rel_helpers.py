@@ -20,7 +20,7 @@ _calls = 0
 
 
 def die_once_on_rank1(model: Any, inputs: Any) -> Any:
-    from evapipe.forward import default_forward
+    from evapipe.model.forward import default_forward
 
     global _calls
     _calls += 1
@@ -30,7 +30,8 @@ def die_once_on_rank1(model: Any, inputs: Any) -> Any:
 
 
 def main() -> None:
-    from evapipe import checkpoint, load_config, run_job, store
+    from evapipe import load_config, run_job
+    from evapipe.states import checkpoint, store
 
     mode, config = sys.argv[1], sys.argv[sys.argv.index("--config") + 1]
     rank = int(os.environ["RANK"])

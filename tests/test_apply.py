@@ -12,12 +12,12 @@ from click.testing import CliRunner
 
 from conftest import MINILM_TARGETS, job_state, text_batches
 from evapipe import load_state
-from evapipe.apply import apply_eva_state, check_output, lora_config_for, state_from_peft, to_peft_state_dict
+from evapipe.adapters.apply import apply_eva_state, check_output, lora_config_for, state_from_peft, to_peft_state_dict
 from evapipe.cli import main
-from evapipe.config import ModelConfig
-from evapipe.errors import ConfigError, StateError
-from evapipe.models import load_model, model_fingerprint
-from evapipe.state import EvaState
+from evapipe.core.config import ModelConfig
+from evapipe.core.errors import ConfigError, StateError
+from evapipe.model.loading import load_model, model_fingerprint
+from evapipe.states.state import EvaState
 
 CPU = torch.device("cpu")
 RANK0 = "encoder.layer.5.output.dense"

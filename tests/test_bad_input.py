@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from conftest import tiny_job, write_config
 from evapipe import apply_to_directory, config_from_dict, run_job
+from evapipe.adapters.convert import convert_file
 from evapipe.cli import main
-from evapipe.convert import convert_file
-from evapipe.errors import ConfigError, DataError
+from evapipe.core.errors import ConfigError, DataError
 
 KINDS = ("missing", "empty", "truncated", "wrong-kind")
 
@@ -146,13 +146,13 @@ def test_list_reading_a_directory(kind, good, tmp_path):
 def test_every_file_a_config_names_is_checked_before_any_weight_is_read(case, tiny_llama_dir, tmp_path,
                                                                         monkeypatch):
     """Data files (with data.streaming too), the model folder and hook modules fail before the model is loaded."""
-    import evapipe.models
+    import evapipe.model.loading
 
     def no_weights(*args, **kwargs):
         raise AssertionError("a weight was read before the inputs were checked")
 
-    monkeypatch.setattr(evapipe.models, "load_model", no_weights)
-    monkeypatch.setattr(evapipe.models, "load_blocks", no_weights)
+    monkeypatch.setattr(evapipe.model.loading, "load_model", no_weights)
+    monkeypatch.setattr(evapipe.model.loading, "load_blocks", no_weights)
     job = tiny_job(tiny_llama_dir, output={"path": str(tmp_path / "o.safetensors")})
     missing = str(tmp_path / "missing.jsonl")
     if case.startswith("data"):

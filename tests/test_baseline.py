@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_job
 from evapipe import apply_eva_state, config_from_dict, run_job
-from evapipe.apply import lora_config_for
+from evapipe.adapters.apply import lora_config_for
 from evapipe.cli import main
 
 

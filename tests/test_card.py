@@ -7,8 +7,8 @@ from click.testing import CliRunner
 
 from conftest import tiny_job
 from evapipe import config_from_dict, load_state, read_metadata, run_job
-from evapipe.card import front_matter, push, push_files, write_card
 from evapipe.cli import main
+from evapipe.states.card import front_matter, push, push_files, write_card
 
 
 def state_file(tmp_path, llama_dir):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from evapipe.config import config_from_dict, load_config, reference_markdown
-from evapipe.errors import ConfigError
+from evapipe.core.config import config_from_dict, load_config, reference_markdown
+from evapipe.core.errors import ConfigError
 
 
 def test_defaults_and_default_yaml_are_valid():

@@ -8,10 +8,10 @@ from click.testing import CliRunner
 
 from conftest import REPO
 from evapipe import load_state
+from evapipe.adapters.convert import convert_file, load_peft_file, peft_to_state, state_to_peft
 from evapipe.cli import main
-from evapipe.convert import convert_file, load_peft_file, peft_to_state, state_to_peft
-from evapipe.errors import ConfigError, StateError
-from evapipe.state import PEFT_PREFIX
+from evapipe.core.errors import ConfigError, StateError
+from evapipe.states.state import PEFT_PREFIX
 
 V2 = REPO / "tests" / "fixtures" / "state_v2.safetensors"
 

@@ -17,11 +17,11 @@ from click.testing import CliRunner
 
 from evapipe import config_from_dict, run_job
 from evapipe.cli import main
-from evapipe.config import ConfigError
-from evapipe.corda_decompose import adapter_weights, decompose
-from evapipe.corda_state import load_corda_state, read_state_metadata
-from evapipe.corda_stats import normalised_rows
-from evapipe.store import job_key, list_states
+from evapipe.corda.decompose import adapter_weights, decompose
+from evapipe.corda.stats import normalised_rows
+from evapipe.core.config import ConfigError
+from evapipe.states.corda_state import load_corda_state, read_state_metadata
+from evapipe.states.store import job_key, list_states
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
@@ -136,7 +136,7 @@ def test_config_validation():
         config_from_dict(base | {"model": {"quantization": "4bit"}})
     with pytest.raises(ConfigError, match="hooks.prepare_layer_inputs_fn"):
         config_from_dict(base | {"hooks": {"prepare_layer_inputs_fn": "a:b"}})
-    from evapipe.estimate import estimate
+    from evapipe.run.estimate import estimate
 
     with pytest.raises(ConfigError, match="estimates EVA jobs"):
         estimate(config_from_dict(base))

@@ -16,7 +16,7 @@ from test_distributed import compute, torchrun
 
 from conftest import write_config
 from evapipe import config_from_dict, run_job
-from evapipe.corda_state import load_corda_state
+from evapipe.states.corda_state import load_corda_state
 
 pytestmark = pytest.mark.slow
 

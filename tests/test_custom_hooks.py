@@ -14,10 +14,10 @@ import torch
 
 from conftest import write_image_folder
 from evapipe import config_from_dict, run_job
+from evapipe.core.config import import_callable
 from evapipe.data import make_collator, open_rows, rank_batches
-from evapipe.job import import_callable
-from evapipe.models import load_model, load_processor
-from evapipe.state import strip_peft_prefix
+from evapipe.model.loading import load_model, load_processor
+from evapipe.states.state import strip_peft_prefix
 
 BATCH, N_BATCHES, R, RHO, TAU = 8, 3, 4, 2.0, 0.999
 GAP = 0.1  # a component is well defined when its eigenvalue is this far (relative) from its neighbours'

@@ -23,9 +23,9 @@ import torch
 
 from conftest import MINILM_TARGETS, REPO, write_config
 from evapipe import load_config, load_state, read_metadata, run_job
-from evapipe.data import sharded_steps
-from evapipe.distributed import assign_owners, local_device
-from evapipe.errors import ConfigError
+from evapipe.core.distributed import assign_owners, local_device
+from evapipe.core.errors import ConfigError
+from evapipe.data.tables import sharded_steps
 
 pytestmark = pytest.mark.slow
 

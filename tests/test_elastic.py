@@ -16,7 +16,7 @@ from test_distributed import FAIL_WITHIN_S, REPO, compute, torchrun
 
 from conftest import tiny_job, write_config
 from evapipe import load_state
-from evapipe.checkpoint import checkpoint_dir
+from evapipe.states.checkpoint import checkpoint_dir
 
 pytestmark = pytest.mark.slow
 HELPERS = str(REPO / "tests" / "rel_helpers.py")

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from conftest import tiny_job, write_config
 from evapipe import config_from_dict
 from evapipe.cli import main as cli
-from evapipe.estimate import estimate
+from evapipe.run.estimate import estimate
 
 
 def _cfg(llama_dir, **eva):
@@ -31,7 +31,7 @@ def test_weights_and_pca_state_match_the_real_model_and_run(tiny_llama_dir):
     assert est["sequential"].weights == max(total - in_blocks - head, one_block)  # embeddings, or one block
     assert est["device_map"].weights == one_block
     # o_proj and down_proj share no input: one PCA each, as the estimate assumes
-    from evapipe.engine import EvaRun
+    from evapipe.run.engine import EvaRun
 
     run = EvaRun(model, _cfg(tiny_llama_dir).eva)
     ids = torch.randint(0, 100, (4, 32))

@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import MINILM_TARGETS, text_batches
 from evapipe import EvaSettings, compute_eva_state
-from evapipe.capture import Capture, TokenSelector
+from evapipe.model.capture import Capture, TokenSelector
 
 
 def exact_pca(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,8 +30,8 @@ from test_resume import assert_same_state
 from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_state, read_metadata, run_job
 from evapipe.cli import main
-from evapipe.errors import EvapipeError
-from evapipe.state import EvaState, spectrum_path
+from evapipe.core.errors import EvapipeError
+from evapipe.states.state import EvaState, spectrum_path
 
 SEEDS = range(int(os.environ.get("EVAPIPE_FAULT_SEEDS", "3")))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -98,7 +98,7 @@ class Injector:
 def injected(monkeypatch, injector: Injector):
     import zarr.storage
 
-    from evapipe import state
+    from evapipe.states import state
 
     real_temp, real_replace, real_set = state.write_temp, os.replace, zarr.storage.LocalStore.set
 

@@ -1,12 +1,12 @@
 """The incremental PCA against the exact float64 SVD: planted spectra, large means, small and rank-deficient
-batches, and batched updates equal to one-at-a-time updates (guards every speed-up in evapipe/ipca.py)."""
+batches, and batched updates equal to one-at-a-time updates (guards every speed-up in evapipe/eva/ipca.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from evapipe import ipca
+from evapipe.eva import ipca
 
 
 def planted(n: int, scales: list[float], offset: float, batches: int, rows: int, seed: int = 0):

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from conftest import REPO, write_config
 from evapipe import load_config, load_state, read_metadata, run_job
-from evapipe.errors import ConfigError, DataError, StateError
+from evapipe.core.errors import ConfigError, DataError, StateError
 
 REQUIRED_META = [
     "format", "format_version", "task", "r", "lora_alpha", "rho", "tau", "whiten", "adjust_scaling_factors",
@@ -133,8 +133,8 @@ def test_empty_dataset(tmp_path):
 
 def test_empty_data_files_are_named_or_skipped(tmp_path):
     """An empty file alone is a clear error (datasets fails with no message); beside real data it is skipped."""
-    from evapipe.config import DataConfig
-    from evapipe.data import load_task_data
+    from evapipe.core.config import DataConfig
+    from evapipe.data.tables import load_task_data
 
     for name in ("empty.jsonl", "empty.csv", "empty.txt"):
         (tmp_path / name).write_text("")
@@ -150,7 +150,7 @@ def test_empty_data_files_are_named_or_skipped(tmp_path):
 def test_target_that_matches_nothing_names_the_closest_layers():
     from torch import nn
 
-    from evapipe.targets import resolve_targets
+    from evapipe.model.targets import resolve_targets
 
     model = nn.ModuleDict({"block": nn.ModuleDict({"q_proj": nn.Linear(4, 4), "v_proj": nn.Linear(4, 4)})})
     with pytest.raises(ConfigError, match=r"'blok.q_proj' matches no linear layer of the model \(closest: block\.q"):
@@ -162,7 +162,7 @@ def test_target_that_matches_nothing_names_the_closest_layers():
 
 
 def test_missing_local_model_folder_is_named(tmp_path):
-    from evapipe.sources import resolve_model_path
+    from evapipe.core.sources import resolve_model_path
 
     with pytest.raises(ConfigError, match="no such local directory"):
         resolve_model_path(str(tmp_path / "no-model"))
@@ -191,7 +191,7 @@ def test_summary_names_processes_as_processes(tmp_path):
     """"rank" in the summary is only the LoRA rank; each process's line says "process N"."""
     from types import SimpleNamespace
 
-    from evapipe.report import job_summary
+    from evapipe.states.report import job_summary
 
     meta = {"ranks": {"a": 0, "b": 4}, "layer_r": {"a": 2, "b": 2}, "tokens": 30, "batches": 2, "lora_alpha": 2,
             "alpha_pattern": {}, "explained_variance": {}, "converged": {"a": True, "b": True},

@@ -13,11 +13,12 @@ from click.testing import CliRunner
 
 from conftest import REPO, chat_data, support_rows, write_image_folder, write_jsonl
 from evapipe import load_config, load_state, run_job
-from evapipe.capture import Capture
 from evapipe.cli import main as cli
-from evapipe.config import DataConfig, ModelConfig
-from evapipe.data import load_task_data, make_collator, open_rows, rank_batches
-from evapipe.models import load_model, load_processor
+from evapipe.core.config import DataConfig, ModelConfig
+from evapipe.data import make_collator, open_rows, rank_batches
+from evapipe.data.tables import load_task_data
+from evapipe.model.capture import Capture
+from evapipe.model.loading import load_model, load_processor
 
 N_ROWS, BATCH = 32, 8
 PATCHES = (32 // 8) ** 2  # tiny ViT: 32x32 images, 8x8 patches
@@ -153,7 +154,7 @@ def test_seq2seq_layers_read_their_own_side_when_lengths_match(tiny_model_dir):
     from transformers import T5ForConditionalGeneration
 
     from evapipe import EvaSettings
-    from evapipe.engine import EvaRun
+    from evapipe.run.engine import EvaRun
 
     model = T5ForConditionalGeneration.from_pretrained(tiny_model_dir("t5")).eval()
     torch.manual_seed(0)
@@ -195,9 +196,9 @@ def test_auto_kind_follows_the_model_config(arch, kind, cls, tiny_model_dir):
 
 def test_kind_and_data_mismatches_fail_clearly(tmp_path, tiny_model_dir, minilm_path):
     from evapipe import config_from_dict
-    from evapipe.config import DataConfig
-    from evapipe.errors import ConfigError, DataError
-    from evapipe.models import load_processor
+    from evapipe.core.config import DataConfig
+    from evapipe.core.errors import ConfigError, DataError
+    from evapipe.model.loading import load_processor
 
     with pytest.raises(ConfigError, match="seq2seq models need data.prompt_field"):
         make_collator(None, DataConfig(), "seq2seq")

@@ -12,8 +12,8 @@ from test_sequential import assert_same_state, one_and_two_processes
 
 from conftest import _tiny_tokenizer, tiny_job, write_config
 from evapipe import config_from_dict, load_state, run_job
-from evapipe.checkpoint import checkpoint_dir
-from evapipe.onload import BlockModel, block_list, empty_model
+from evapipe.model.onload import BlockModel, block_list, empty_model
+from evapipe.states.checkpoint import checkpoint_dir
 
 
 def tiny_mixed(arch: str, vocab: int = 100, **ids):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from conftest import text_batches
-from evapipe import EvaSettings, compute_eva_state, ipca
-from evapipe.config import DataConfig
-from evapipe.data import TextCollator
+from evapipe import EvaSettings, compute_eva_state
+from evapipe.core.config import DataConfig
+from evapipe.data.collate import TextCollator
+from evapipe.eva import ipca
 
 
 def spy_updates(monkeypatch) -> list[tuple[int, torch.Tensor]]:

@@ -23,10 +23,11 @@ from torch import nn
 
 from conftest import text_batches, tiny_job
 from evapipe import EvaSettings, apply_eva_state, compute_eva_state, config_from_dict, run_job
-from evapipe.errors import ConfigError
-from evapipe.experts import expert_key, resolve_expert_params, split_key
-from evapipe.rebudget import rebudget
-from evapipe.targets import resolve_targets
+from evapipe.core.errors import ConfigError
+from evapipe.core.names import expert_key, split_key
+from evapipe.model.experts import resolve_expert_params
+from evapipe.model.targets import resolve_targets
+from evapipe.states.rebudget import rebudget
 
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -124,7 +125,7 @@ def never_route_expert_3(model: nn.Module) -> None:
 
 def forward_without_expert_3(model, inputs):
     """hooks.forward_fn for jobs: the model as in never_route_expert_3, then the default forward."""
-    from evapipe.forward import default_forward
+    from evapipe.model.forward import default_forward
 
     never_route_expert_3(model)
     return default_forward(model, inputs)
@@ -287,7 +288,7 @@ def test_expert_keys_name_their_parameter_and_expert():
 
 
 def test_job_and_apply_to_directory_on_qwen2_moe(tiny_model_dir, tmp_path):
-    from evapipe.apply import apply_to_directory
+    from evapipe.adapters.apply import apply_to_directory
 
     out = tmp_path / "eva.safetensors"
     cfg = config_from_dict(tiny_job(tiny_model_dir("qwen2-moe"), eva={
@@ -313,7 +314,7 @@ def moe_job(model_dir: str, out, **sections) -> dict:
 
 
 def test_resume_restores_expert_pcas_bit_identically(tmp_path, tiny_model_dir, caplog):
-    from evapipe.checkpoint import checkpoint_dir, latest
+    from evapipe.states.checkpoint import checkpoint_dir, latest
 
     out = tmp_path / "eva.safetensors"
     keep = {"path": str(out), "checkpoint_every": 2, "keep_checkpoint": True}
@@ -393,7 +394,7 @@ def test_four_bit_base_keeps_experts_in_full_precision_and_applies(tmp_path, min
 
 
 def test_apply_refuses_a_state_whose_experts_do_not_fit(tiny_model_dir, support_texts):
-    from evapipe.errors import StateError
+    from evapipe.core.errors import StateError
 
     model, tok = load(tiny_model_dir("mixtral"))
     batches = masked_batches(tok, support_texts, n_batches=1)

@@ -1,4 +1,4 @@
-"""Expert PCAs updated together (evapipe/ipca.py's batched Gram update, experts.routed_inputs' one sort):
+"""Expert PCAs updated together (evapipe/eva/ipca.py's batched Gram update, experts.routed_inputs' one sort):
 
 * many experts' updates in one call equal the exact float64 PCA of each expert's own tokens, and one-at-a-time
   updates, whatever the token counts (none, one, few, more than the Gram path takes);
@@ -17,7 +17,8 @@ import torch
 from test_exact import exact_pca
 
 from conftest import _tiny_tokenizer, text_batches
-from evapipe import EvaSettings, compute_eva_state, ipca
+from evapipe import EvaSettings, compute_eva_state
+from evapipe.eva import ipca
 
 
 def expert_batches(n_experts: int, n: int, steps: int, seed: int = 0) -> list[list[torch.Tensor]]:

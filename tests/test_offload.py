@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_job
 from evapipe import config_from_dict, run_job
-from evapipe.errors import ConfigError
+from evapipe.core.errors import ConfigError
 
 
 def _state(llama_dir, out, **model):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from evapipe.errors import ConfigError
-from evapipe.onload import BlockModel, block_list, empty_model, refuse_unsupported
+from evapipe.core.errors import ConfigError
+from evapipe.model.onload import BlockModel, block_list, empty_model, refuse_unsupported
 
 
 def _tiny(kind: str, path) -> tuple[nn.Module, dict]:

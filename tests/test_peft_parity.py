@@ -7,7 +7,7 @@ import torch
 
 from conftest import MINILM_TARGETS, text_batches
 from evapipe import EvaSettings, compute_eva_state
-from evapipe.state import strip_peft_prefix
+from evapipe.states.state import strip_peft_prefix
 
 
 def peft_state(model, batches, targets, **eva):

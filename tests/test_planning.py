@@ -6,27 +6,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evapipe.agreement import Agreement
-from evapipe.budget import distribute_ranks
-from evapipe.checkpoint import Snapshot
-from evapipe.distributed import Comm, collectively
-from evapipe.errors import DataError
-from evapipe.ipca import new_state, update_many
-from evapipe.metadata import FORMAT_VERSION, StateMeta, migrate
-from evapipe.planning import (
-    Layout,
-    StepPlan,
+from evapipe.core.distributed import Comm, collectively
+from evapipe.core.errors import DataError
+from evapipe.eva.agreement import Agreement
+from evapipe.eva.budget import distribute_ranks
+from evapipe.eva.ipca import new_state, update_many
+from evapipe.eva.planning import (
     Verdict,
     allocate,
-    capture_depth,
     component_caps,
     converged,
-    groups_with_singles,
     judge,
     next_step,
     settle_waiting,
     unconverged,
 )
+from evapipe.model.layout import Layout, StepPlan, capture_depth, groups_with_singles
+from evapipe.states.checkpoint import Snapshot
+from evapipe.states.metadata import FORMAT_VERSION, StateMeta, migrate
 
 LAYOUT = Layout.of([["q", "k", "v"], ["o"], ["up"]], order=["q", "k", "v", "o", "up"])
 

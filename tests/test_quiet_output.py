@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import REPO
 from evapipe import read_metadata
 from evapipe.cli import main
-from evapipe.report import layer_table
+from evapipe.states.report import layer_table
 
 EVAPIPE_STDERR = re.compile(r"^(\d\d:\d\d:\d\d evapipe: |EVA: )")
 SUMMARY = re.compile(r"^(total LoRA rank \d+ over \d+ layers|process \d+: |(done|cache hit) in [\d.]+s -> )")
@@ -113,7 +113,7 @@ def test_every_other_command_prints_only_its_result(computed, tmp_path):
 def test_quiet_dependencies_keeps_what_the_user_chose(monkeypatch):
     import logging
 
-    from evapipe.quiet import QUIET_ENV, QUIET_LOGGERS, quiet_dependencies
+    from evapipe.core.quiet import QUIET_ENV, QUIET_LOGGERS, quiet_dependencies
 
     for key in QUIET_ENV:  # restored after the test
         monkeypatch.delenv(key, raising=False)

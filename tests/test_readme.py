@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from conftest import REPO
-from evapipe.config import reference_markdown
+from evapipe.core.config import reference_markdown
 
 CONFIGS_PAGE = REPO / "docs" / "configs.md"
 START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"

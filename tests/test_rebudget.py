@@ -7,8 +7,8 @@ import torch
 
 from conftest import REPO, tiny_job
 from evapipe import config_from_dict, load_state, run_job
-from evapipe.errors import ConfigError, StateError
-from evapipe.rebudget import rebudget, rebudget_file, shared_groups
+from evapipe.core.errors import ConfigError, StateError
+from evapipe.states.rebudget import rebudget, rebudget_file, shared_groups
 
 FIXTURES = REPO / "tests" / "fixtures"
 DOWN1 = "model.layers.1.mlp.down_proj"

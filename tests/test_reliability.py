@@ -31,9 +31,9 @@ from click.testing import CliRunner
 from conftest import REPO, tiny_job, write_config
 from evapipe import compute_eva_state, config_from_dict, load_state, read_metadata, run_job
 from evapipe.cli import main
-from evapipe.errors import ConfigError, DataError, StateError
-from evapipe.state import EvaState, pending_spectrum_path, spectrum_path
-from evapipe.store import job_key, list_states, lookup
+from evapipe.core.errors import ConfigError, DataError, StateError
+from evapipe.states.state import EvaState, pending_spectrum_path, spectrum_path
+from evapipe.states.store import job_key, list_states, lookup
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
@@ -145,7 +145,7 @@ def test_concurrent_jobs_on_one_key_share_one_state(tmp_path, tiny_llama_dir):
 
 # -- 5. failures outside the agreed paths ----------------------------------------------------------------------------
 def test_malformed_checkpoint_mark_is_one_clear_error(tmp_path, tiny_llama_dir):
-    from evapipe.checkpoint import checkpoint_dir
+    from evapipe.states.checkpoint import checkpoint_dir
 
     out = tmp_path / "o.safetensors"
     step = checkpoint_dir(out) / "step-00000002"
@@ -160,7 +160,7 @@ def test_malformed_checkpoint_mark_is_one_clear_error(tmp_path, tiny_llama_dir):
 def test_dataset_fingerprint_streams_and_ignores_storage_chunks(monkeypatch):
     import datasets
 
-    from evapipe import data
+    from evapipe.data import tables as data
 
     rows = {"text": [f"row {i}" for i in range(50)]}
     whole = datasets.Dataset.from_dict(rows)
@@ -177,7 +177,8 @@ def test_dataset_fingerprint_streams_and_ignores_storage_chunks(monkeypatch):
 
 
 def test_dataset_fingerprint_is_taken_before_the_work(tmp_path, tiny_llama_dir, monkeypatch):
-    from evapipe import data, engine
+    from evapipe.data import tables as data
+    from evapipe.run import engine
 
     def broken(ds, columns):
         raise MemoryError("fingerprint")
@@ -304,7 +305,7 @@ def test_task_names_cannot_climb_out_of_the_store(tmp_path, tiny_llama_dir, task
 
 # -- 9. the store key sees what the loader reads ---------------------------------------------------------------------
 def test_hidden_data_files_are_neither_read_nor_keyed(tmp_path, tiny_llama_dir):
-    from evapipe.data import load_task_data
+    from evapipe.data.tables import load_task_data
 
     folder = tmp_path / "data"
     folder.mkdir()
@@ -353,7 +354,7 @@ def test_rebudget_and_convert_refuse_to_overwrite_without_the_flag(tmp_path):
 def test_apply_overwrite_keeps_unrelated_files_and_other_backups(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    from evapipe.apply import apply_eva_state, save_adapter
+    from evapipe.adapters.apply import apply_eva_state, save_adapter
 
     model, batches = tiny_batches(tiny_llama_dir)
     state = compute_eva_state(model, batches, r=2, target_modules=["q_proj"], max_batches=2, on_unconverged="warn",
@@ -378,7 +379,7 @@ def test_apply_overwrite_keeps_unrelated_files_and_other_backups(tmp_path, tiny_
 
 # -- 11. null text values --------------------------------------------------------------------------------------------
 def test_null_text_rows_are_skipped_and_counted(tmp_path, tiny_llama_dir):
-    from evapipe.report import job_summary
+    from evapipe.states.report import job_summary
 
     rows = [{"text": f"where is my order {i}"} for i in range(12)]
     rows[3]["text"] = rows[7]["text"] = None
@@ -410,7 +411,7 @@ def max_subspace_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_large_mean_against_the_spread_keeps_the_components():
     """Inputs around 1e4 with a spread of 0.1: against the exact PCA of the same float32 inputs, the components are
     off by about 1e-8 (1 - |cos|) when centred first, about 1e-5 with raw float32 products (the code before)."""
-    from evapipe import ipca
+    from evapipe.eva import ipca
 
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(96, 4, generator=g, dtype=torch.float64))[0].T
@@ -425,7 +426,7 @@ def test_large_mean_against_the_spread_keeps_the_components():
 
 
 def test_rank_deficient_batches_stay_on_the_bounded_path(monkeypatch):
-    from evapipe import ipca
+    from evapipe.eva import ipca
 
     g = torch.Generator().manual_seed(1)
     basis = torch.linalg.qr(torch.randn(128, 3, generator=g, dtype=torch.float64))[0].T

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import tiny_job, write_config
 from evapipe import config_from_dict, list_states, load_state, read_metadata, run_job
-from evapipe.errors import ConfigError, StorageError
-from evapipe.remote import filesystem, hub_repo, location
+from evapipe.core.errors import ConfigError, StorageError
+from evapipe.core.remote import filesystem, hub_repo, location
 
 BUCKET = "evabucket"
 
@@ -73,7 +73,7 @@ def cfg_for(llama_dir, store, **sections):
 
 
 def objects(prefix: str) -> dict[str, int]:
-    from evapipe.remote import find
+    from evapipe.core.remote import find
 
     return find(prefix)
 
@@ -146,7 +146,7 @@ def test_corrupt_object_kept_aside_and_recomputed(tiny_llama_dir, s3, cache):
 def test_two_jobs_on_one_key_one_wins(tmp_path, tiny_llama_dir, s3, cache, monkeypatch):
     """Job A computes; before it publishes, job B (another process, another cache: another machine) computes
     and publishes the same key. A's create-if-absent write fails, A drops its state and takes B's."""
-    import evapipe.remote_store as remote_store
+    import evapipe.states.remote_store as remote_store
 
     store = f"s3://{BUCKET}/race"
     cfg_path = write_config(tmp_path / "job.yaml", **tiny_job(tiny_llama_dir, output={"store": store}))
@@ -163,7 +163,7 @@ def test_two_jobs_on_one_key_one_wins(tmp_path, tiny_llama_dir, s3, cache, monke
     assert a.cached and a.state is None
     meta = read_metadata(a.path)
     side_url = remote_store.sidecar_url(a.path)
-    from evapipe.state import read_header
+    from evapipe.states.state import read_header
 
     assert read_header(side_url)["__metadata__"]["spectrum_id"] == meta["spectrum_id"]
     names = sorted(u.rsplit("/", 1)[1] for u in objects(store))
@@ -225,7 +225,7 @@ class Proxy:
 
 
 def test_server_stopped_mid_upload_leaves_nothing_visible(tiny_llama_dir, s3, cache, monkeypatch):
-    import evapipe.remote as remote
+    import evapipe.core.remote as remote
 
     store = f"s3://{BUCKET}/cut"
     proxy = Proxy(int(s3.rsplit(":", 1)[1]))
@@ -237,7 +237,7 @@ def test_server_stopped_mid_upload_leaves_nothing_visible(tiny_llama_dir, s3, ca
         return original(local, url, create)
 
     monkeypatch.setattr(remote, "upload", upload)
-    import evapipe.remote_store as remote_store
+    import evapipe.states.remote_store as remote_store
 
     monkeypatch.setattr(remote_store, "upload", upload)
     use_endpoint(f"http://127.0.0.1:{proxy.port}")
@@ -254,12 +254,12 @@ def test_server_stopped_mid_upload_leaves_nothing_visible(tiny_llama_dir, s3, ca
 
 
 def test_unreachable_store_and_missing_bucket_fail_before_loading(tiny_llama_dir, s3, cache, monkeypatch):
-    import evapipe.models
+    import evapipe.model.loading
 
     def no_load(*a, **k):
         raise AssertionError("the store is checked before any weight is read")
 
-    monkeypatch.setattr(evapipe.models, "load_model", no_load)
+    monkeypatch.setattr(evapipe.model.loading, "load_model", no_load)
     with pytest.raises(StorageError, match=r"s3://no-such-bucket/x.*does not exist"):
         run_job(cfg_for(tiny_llama_dir, "s3://no-such-bucket/x"), show_progress=False)
     use_endpoint(f"http://127.0.0.1:{free_port()}")
@@ -288,7 +288,7 @@ def test_hub_urls_parse_offline():
 
 def test_rebudget_and_convert_between_urls(tiny_llama_dir, s3, cache):
     from evapipe import convert_file, rebudget_file
-    from evapipe.errors import StateError
+    from evapipe.core.errors import StateError
 
     url = run_job(cfg_for(tiny_llama_dir, f"s3://{BUCKET}/tools"), show_progress=False).path
     out = f"s3://{BUCKET}/derived/r1.safetensors"
@@ -320,8 +320,8 @@ def test_push_to_a_bucket_and_pull_with_an_empty_cache(tmp_path, tiny_llama_dir,
 
 
 def test_file_urls_are_local_stores(tmp_path, tiny_llama_dir):
-    from evapipe.job import output_paths, remote_entry
-    from evapipe.store import job_key, model_slug
+    from evapipe.job import output_paths
+    from evapipe.states.store import job_key, model_slug, remote_entry
 
     cfg = cfg_for(tiny_llama_dir, f"file://{tmp_path / 'store'}")
     key = job_key(cfg)

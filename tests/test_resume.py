@@ -16,9 +16,9 @@ import torch
 
 from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_state, run_job
-from evapipe.checkpoint import checkpoint_dir, latest
-from evapipe.errors import ConfigError
-from evapipe.forward import default_forward
+from evapipe.core.errors import ConfigError
+from evapipe.model.forward import default_forward
+from evapipe.states.checkpoint import checkpoint_dir, latest
 
 
 def slow_forward(model, inputs):
@@ -143,10 +143,11 @@ def test_incomplete_checkpoints_are_ignored_then_removed(tmp_path, tiny_llama_di
 
 
 def test_pca_states_round_trip_exactly_and_a_stale_step_is_replaced(tmp_path):
-    from evapipe import checkpoint
-    from evapipe.distributed import Comm
-    from evapipe.ipca import PCAState, new_state, update_many
-    from evapipe.planning import Layout, Verdict
+    from evapipe.core.distributed import Comm
+    from evapipe.eva.ipca import PCAState, new_state, update_many
+    from evapipe.eva.planning import Verdict
+    from evapipe.model.layout import Layout
+    from evapipe.states import checkpoint
 
     g = torch.Generator().manual_seed(0)
     fitted = new_state(16, 4, None, seed=3)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import tiny_job
-from evapipe import config_from_dict, ipca, run_job
-from evapipe.errors import StorageError
-from evapipe.roundcopies import FILED, RoundCopies
+from evapipe import config_from_dict, run_job
+from evapipe.core.errors import StorageError
+from evapipe.eva import ipca
+from evapipe.eva.roundcopies import FILED, RoundCopies
 
 
 def assert_same(a: ipca.PCAState, b: ipca.PCAState) -> None:

@@ -11,9 +11,9 @@ from test_resume import kill_then_rerun
 
 from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_config, load_state, run_job
-from evapipe.checkpoint import checkpoint_dir
-from evapipe.errors import ConfigError
-from evapipe.sequential import RoundLedger, first_rows
+from evapipe.core.errors import ConfigError
+from evapipe.run.sequential import RoundLedger, first_rows
+from evapipe.states.checkpoint import checkpoint_dir
 
 
 def assert_same_state(a, b, exact: bool) -> None:
@@ -70,7 +70,7 @@ def test_convergence_inside_a_round_and_round_ends_keep_the_in_memory_state(tau,
                                                                               monkeypatch):
     """Layers converge at different batches of a round (and, at some tau, a converged PCA is needed again, ending
     the round early); every one stops where it stopped in memory."""
-    from evapipe import sequential
+    from evapipe.run import sequential
 
     ends = []
     admit = sequential.RoundLedger.admit
@@ -96,7 +96,7 @@ def in_memory_and_sequential(llama_dir: str, tmp_path, **eva) -> tuple:
 
 
 def test_one_block_at_a_time_and_blocks_after_the_deepest_target_never_run(tmp_path, tiny_llama_dir, monkeypatch):
-    from evapipe.onload import BlockModel
+    from evapipe.model.onload import BlockModel
 
     onloaded, live = [], []
     real = BlockModel.onloaded

@@ -14,7 +14,7 @@ from test_sequential import assert_same_state, one_and_two_processes
 
 from conftest import _tiny_tokenizer, tiny_job, write_config
 from evapipe import config_from_dict, load_config, load_state, run_job
-from evapipe.checkpoint import checkpoint_dir
+from evapipe.states.checkpoint import checkpoint_dir
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +90,8 @@ def test_two_processes_and_a_resume_give_the_in_memory_state(tmp_path, tiny_mode
 def test_estimate_counts_experts_in_a_block_and_their_pcas(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from evapipe.engine import EvaRun
-    from evapipe.estimate import estimate
+    from evapipe.run.engine import EvaRun
+    from evapipe.run.estimate import estimate
 
     path = tiny_model_dir("mixtral")
     cfg = config_from_dict(moe_job(path, "x.safetensors"))

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO
-from evapipe.errors import StateError
-from evapipe.metadata import FORMAT_VERSION, MIGRATIONS
-from evapipe.state import read_metadata, spectrum_path
-from evapipe.statecache import load_state
+from evapipe.core.errors import StateError
+from evapipe.states.metadata import FORMAT_VERSION, MIGRATIONS
+from evapipe.states.state import read_metadata, spectrum_path
+from evapipe.states.statecache import load_state
 
 FIXTURES = REPO / "tests" / "fixtures"
 V1, V2 = FIXTURES / "state_v1.safetensors", FIXTURES / "state_v2.safetensors"
@@ -158,7 +158,7 @@ def test_a_sidecar_from_another_write_is_not_used(tmp_path, caplog):
 KILL_DURING_WRITE = """
 import os, signal, sys
 import safetensors.torch as st
-from evapipe.statecache import load_state
+from evapipe.states.statecache import load_state
 target, which = sys.argv[1], sys.argv[2]
 real = st.save_file
 def dying_save(tensors, filename, metadata=None):
@@ -187,6 +187,6 @@ def test_sigkill_during_the_final_write_keeps_the_old_state(tmp_path, which):
     assert state.meta["task"] == "fixture" and state.spectrum
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert leftovers  # a SIGKILL cannot clean up; the temporary files are harmless and never read
-    from evapipe.store import list_states
+    from evapipe.states.store import list_states
 
     assert [e.task for e in list_states(tmp_path)] == ["fixture"]

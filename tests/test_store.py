@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_state, read_metadata, run_job
 from evapipe.cli import main
-from evapipe.metadata import FORMAT_VERSION
-from evapipe.store import STATE_FILE, job_key, list_states, model_slug, state_dir
+from evapipe.states.metadata import FORMAT_VERSION
+from evapipe.states.store import STATE_FILE, job_key, list_states, model_slug, state_dir
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
@@ -104,14 +104,14 @@ def test_store_layout_cache_hit_and_force(tmp_path, tiny_llama_dir, monkeypatch)
     assert meta["store_key"] == key and meta["task"] == "t" and meta["format_version"] == FORMAT_VERSION
     before = expected.read_bytes()
 
-    import evapipe.engine
-    import evapipe.models
+    import evapipe.model.loading
+    import evapipe.run.engine
 
     def no_forward(*a, **k):
         raise AssertionError("a cache hit must not load the model or run a forward pass")
 
-    monkeypatch.setattr(evapipe.models, "load_model", no_forward)
-    monkeypatch.setattr(evapipe.engine.EvaRun, "step", no_forward)
+    monkeypatch.setattr(evapipe.model.loading, "load_model", no_forward)
+    monkeypatch.setattr(evapipe.run.engine.EvaRun, "step", no_forward)
     copy = tmp_path / "copy" / "eva.safetensors"
     again = run_job(cfg_for(tiny_llama_dir, output={"store": str(store), "path": str(copy)}), show_progress=False)
     assert again.cached and again.path == expected and again.state is None and again.seconds < 2.0

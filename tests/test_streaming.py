@@ -16,12 +16,13 @@ from test_kinds import job_config
 
 from conftest import tiny_job, write_config
 from evapipe import config_from_dict, load_state, run_job
-from evapipe.checkpoint import checkpoint_dir, latest
-from evapipe.config import DataConfig
-from evapipe.data import open_rows, sharded_steps
-from evapipe.errors import DataError
-from evapipe.store import job_key, key_parts
-from evapipe.streaming import StreamRows, global_steps
+from evapipe.core.config import DataConfig
+from evapipe.core.errors import DataError
+from evapipe.data import open_rows
+from evapipe.data.streaming import StreamRows, global_steps
+from evapipe.data.tables import sharded_steps
+from evapipe.states.checkpoint import checkpoint_dir, latest
+from evapipe.states.store import job_key, key_parts
 
 
 def jsonl(path, rows):

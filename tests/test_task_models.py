@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 from conftest import job_state
 from evapipe import load_state
-from evapipe.adapter_check import check_adapter, check_adapter_dir
-from evapipe.apply import apply_to_directory, task_heads
+from evapipe.adapters.apply import apply_to_directory, task_heads
+from evapipe.adapters.check import check_adapter, check_adapter_dir
 from evapipe.cli import main
-from evapipe.errors import ConfigError, StateError
+from evapipe.core.errors import ConfigError, StateError
 
 LABELS = 6
 

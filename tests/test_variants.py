@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 from conftest import job_state
 from evapipe import load_state
-from evapipe.apply import apply_eva_state
+from evapipe.adapters.apply import apply_eva_state
 from evapipe.cli import main
-from evapipe.config import ModelConfig
-from evapipe.models import load_model
+from evapipe.core.config import ModelConfig
+from evapipe.model.loading import load_model
 
 # per-layer r and alpha differ (rank_pattern / alpha_pattern), and redistribution moves ranks away from them
 PATTERNS = ("eva.rank_pattern={'query': 6}", "eva.alpha_pattern={'value': 16, 'intermediate.dense': 3}")
