@@ -316,8 +316,7 @@ def _sorted(entries: list[StoreEntry]) -> list[StoreEntry]:
 def remote_entry(cfg: JobConfig, key: str) -> str | None:
     """The store entry's URL when output.store is on object storage: the state is computed into a local work
     folder (checkpoints included), then published there (remote_store.py)."""
-    from .core.remote import is_url, join
-    from .states.store import state_dir, state_file
+    from ..core.remote import is_url, join
 
     if not (cfg.output.store and is_url(cfg.output.store)):
         return None
