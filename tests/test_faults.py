@@ -1,7 +1,7 @@
 """Fault injection: the next reliability trap should show up here.
 
-* SIGKILL at random moments of a checkpointed job (seeded; EVAPIPE_FAULT_SEEDS=N runs more): the rerun's state
-  equals the uninterrupted one, and a state file is never seen half-written;
+* SIGKILL at random moments of a checkpointed job, after its first checkpoint and before its end (seeded;
+  EVAPIPE_FAULT_SEEDS=N runs more): the rerun resumes and its state equals the uninterrupted one;
 * ENOSPC / EIO injected at each write of a job in turn (state, sidecar, store copy, checkpoint arrays and marks,
   renames): the previous state stays intact, no temporary file is left, and the error is evapipe's one line;
 * a few hundred random mutations of a state file and its sidecar (header, metadata, tensor bytes, truncations):
@@ -31,6 +31,7 @@ from conftest import REPO, tiny_job, write_config
 from evapipe import config_from_dict, load_state, read_metadata, run_job
 from evapipe.cli import main
 from evapipe.core.errors import EvapipeError
+from evapipe.states.checkpoint import checkpoint_dir, latest
 from evapipe.states.state import EvaState, spectrum_path
 
 SEEDS = range(int(os.environ.get("EVAPIPE_FAULT_SEEDS", "3")))
@@ -44,36 +45,50 @@ def killed_job(llama_dir: str, out: Path) -> dict:
                     hooks={"forward_fn": "test_resume:slow_forward"})
 
 
+DELAY = 0.2  # seconds each forward pass sleeps (test_resume.slow_forward): a lower bound on the job's pace
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_llama_dir):
-    """The reference state and the wall time of the same job run as a process (to place the kills in)."""
+    """The reference state: the same job run as a process, never killed."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     cfg = write_config(tmp / "job.yaml", **killed_job(tiny_llama_dir, tmp / "ref.safetensors"))
-    t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "evapipe.compute", "--config", str(cfg), "--no-progress"],
-                         env=dict(ENV, EVAPIPE_TEST_DELAY="0.2"), capture_output=True, text=True)
+                         env=dict(ENV, EVAPIPE_TEST_DELAY=str(DELAY)), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    return load_state(tmp / "ref.safetensors"), time.perf_counter() - t0
+    return load_state(tmp / "ref.safetensors")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_sigkill_at_a_random_moment_then_rerun_equals_the_uninterrupted_state(tmp_path, tiny_llama_dir, uninterrupted,
                                                                               seed):
-    reference, wall = uninterrupted
+    """The kill lands at a random moment after the first checkpoint is complete and before the job can have ended
+    (within the paced batches still to come); the rerun says it resumes and ends at the uninterrupted state."""
     out = tmp_path / "eva.safetensors"
+    ckpt = checkpoint_dir(out)
     cfg = write_config(tmp_path / "job.yaml", **killed_job(tiny_llama_dir, out))
     cmd = [sys.executable, "-m", "evapipe.compute", "--config", str(cfg), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=dict(ENV, EVAPIPE_TEST_DELAY="0.2"), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=dict(ENV, EVAPIPE_TEST_DELAY=str(DELAY)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    time.sleep(random.Random(seed).uniform(0.3, 1.05) * wall)  # from start-up to past the final write
+    deadline = time.monotonic() + 300
+    while latest(ckpt) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert latest(ckpt) is not None and proc.poll() is None, "no checkpoint while the job ran"
+    left = 8 - latest(ckpt)[1]["loop"]["progress"]["step"]  # paced batches still to come (max_batches 8)
+    time.sleep(random.Random(seed).uniform(0.0, 0.9) * left * DELAY)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
     if out.exists():
         load_state(out)  # a state that is there is whole
+    step = latest(ckpt)[1]["loop"]["progress"]["step"]
+    assert 2 <= step < 8 and step % 2 == 0
     rerun = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    assert_same_state(load_state(out), reference)
+    resumed_at = int(rerun.stderr.split(f"resuming from {ckpt} at batch ")[1].split()[0])  # it resumed
+    assert resumed_at >= step
+    assert_same_state(load_state(out), uninterrupted)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
         "eva.safetensors", "eva.spectrum.safetensors", "job.yaml"]
 

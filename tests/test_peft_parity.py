@@ -26,9 +26,27 @@ def subspace_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.svdvals(qa.T @ qb).min())
 
 
+MIN_GAP = 0.02  # relative singular-value gap from which a direction is determined by the data, not by noise
+MIN_COS = 0.99
+
+
+def separated(sv: list[float], k: int) -> tuple[list[int], int]:
+    """Of a layer's first k components: those whose singular value is at least MIN_GAP (relative) away from both
+    neighbours, and the longest prefix that ends at such a gap. A component whose neighbour was never computed
+    (the last of the spectrum) is left out: its direction is not determined by what was computed."""
+    s = [float(v) for v in sv]
+    gap = [(s[i] - s[i + 1]) / s[i] for i in range(len(s) - 1)]  # gap[i]: between components i and i+1
+    comps = [i for i in range(min(k, len(gap))) if gap[i] >= MIN_GAP and (i == 0 or gap[i - 1] >= MIN_GAP)]
+    prefix = max([m for m in range(1, min(k, len(gap)) + 1) if gap[m - 1] >= MIN_GAP], default=0)
+    return comps, prefix
+
+
 def compare(ours, ref):
+    """Same ranks; the leading component and rows 0-1 as before; then every well-separated component up to sign,
+    and the span of the longest well-separated prefix of the rank rows (principal angles)."""
     assert set(ref) == set(ours.ranks)
     assert {k: int(v.shape[0]) for k, v in ref.items()} == ours.ranks
+    checked, spans = 0, []
     for name, a_ref in ref.items():
         if a_ref.shape[0] == 0:
             assert name not in ours.tensors
@@ -38,6 +56,15 @@ def compare(ours, ref):
         assert a.shape == a_ref.shape
         assert abs(float((a[0] * a_ref[0]).sum())) > 0.99, name  # the leading component, up to sign
         assert subspace_cos(a[:2], a_ref[:2]) > 0.9, name
+        comps, prefix = separated(ours.meta["singular_values"][name], a.shape[0])
+        checked += len(comps)
+        cos = (a[comps] * a_ref[comps]).sum(1).abs()
+        assert bool((cos > MIN_COS).all()), (name, dict(zip(comps, cos.tolist())))
+        if prefix:
+            assert subspace_cos(a[:prefix], a_ref[:prefix]) > MIN_COS, (name, prefix)
+            spans.append(prefix / a.shape[0])
+    # most of the rank rows are compared (a state whose later rows are noise fails above, not here)
+    assert checked >= 0.6 * sum(ours.ranks.values()) and sum(spans) >= 0.6 * len(spans), (checked, spans)
 
 
 def test_minilm_matches_peft(minilm, support_texts):

@@ -24,14 +24,41 @@ def llama_state(tmp_path_factory, tiny_llama_dir):
     return out
 
 
+def group_cap(meta, name, rho):
+    """Components a layer may get: round(r * rho), at most in_features, the largest of its shared-input group."""
+    group = next((g for g in shared_groups(meta) if name in g), [name])
+    return max(min(round(meta["layer_r"][n] * rho), meta["in_features"][n]) for n in group)
+
+
+def expected_ranks(meta, rho):
+    """EVA's redistribution recomputed from the stored ratios by a threshold rule: the budget (sum of layer_r)
+    goes to the largest ratios over all layers (each layer up to its cap, a shared PCA's ratios counted for every
+    member); ratios equal to the threshold go by layer order; a shared PCA's owner carries its group's largest
+    rank."""
+    names = list(meta["ranks"])
+    pools = {n: meta["explained_variance"][n][: group_cap(meta, n, rho)] for n in names}
+    budget = sum(meta["layer_r"].values())
+    everything = sorted((v for n in names for v in pools[n]), reverse=True)
+    threshold = everything[budget - 1]
+    ranks = {n: sum(v > threshold for v in pools[n]) for n in names}
+    left = budget - sum(ranks.values())
+    for n in names:
+        take = min(left, sum(v == threshold for v in pools[n]))
+        ranks[n] += take
+        left -= take
+    for group in shared_groups(meta):
+        best = max(group, key=lambda n: ranks[n])
+        ranks[group[0]], ranks[best] = ranks[best], ranks[group[0]]
+    return ranks
+
+
 def check_eva_constraints(state, r, rho):
     meta = state.meta
     ranks = state.ranks
     assert meta["r"] == r and meta["rho"] == rho
     assert sum(ranks.values()) == sum(meta["layer_r"].values())  # the whole budget is used
     for name, k in ranks.items():
-        assert k <= min(round(meta["layer_r"][name] * rho), meta["in_features"][name]) or any(
-            name in g for g in meta["shared_inputs"])
+        assert k <= group_cap(meta, name, rho)  # a shared PCA serves its largest member, no more
         alpha = meta["alpha_pattern"].get(name, meta["lora_alpha"])
         if k > 0:  # adjust_scaling_factors: alpha / rank is every layer's alpha / r
             assert alpha / k == pytest.approx(meta["layer_alpha"][name] / meta["layer_r"][name])
@@ -48,6 +75,7 @@ def check_eva_constraints(state, r, rho):
 
 def test_same_budget_reproduces_the_state(llama_state):
     state = load_state(llama_state)
+    assert state.ranks == expected_ranks(state.meta, state.meta["rho"])  # the engine's own allocation too
     same = rebudget(state, state.meta["r"])
     assert same.ranks == state.ranks
     assert same.meta["rank_pattern"] == state.meta["rank_pattern"]
@@ -64,6 +92,7 @@ def test_smaller_budget_totals_and_constraints(llama_state):
         check_eva_constraints(new, r, rho or state.meta["rho"])
         assert new.ranks[DOWN1] == 0 and new.meta["layer_r"][DOWN1] == 0  # the rank_pattern override stays
         assert sum(new.ranks.values()) == r * (len(new.ranks) - 1)
+        assert new.ranks == expected_ranks(new.meta, rho or state.meta["rho"])  # follows the explained variance
         assert new.meta["store_key"] is None and new.meta["rebudgeted_from"]["r"] == 4
     flat = rebudget(state, 3, 1.0)  # rho = 1: no redistribution, every layer gets its r
     assert all(k == (0 if n == DOWN1 else 3) for n, k in flat.ranks.items())
@@ -99,6 +128,7 @@ def test_v1_fixture_and_whitening():
     new = rebudget(old, 1)
     check_eva_constraints(new, 1, 2.0)
     assert new.total_rank() == 3
+    assert new.ranks == expected_ranks(new.meta, 2.0)
     old.meta["whiten"] = True
     white = rebudget(old, 2)
     for group in shared_groups(old.meta):

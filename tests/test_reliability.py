@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,18 +123,41 @@ def test_a_state_with_nan_is_never_written(tmp_path):
 
 # -- 3. concurrent jobs on one store key -----------------------------------------------------------------------------
 def test_concurrent_jobs_on_one_key_share_one_state(tmp_path, tiny_llama_dir):
-    store = tmp_path / "store"
+    """The second job starts while the first holds the lock and is held inside its first forward (a gate file,
+    not a guessed sleep), so it must find the lock taken, wait, and then get the first one's state."""
+    from filelock import FileLock, Timeout
+
+    store, gate = tmp_path / "store", tmp_path / "gate"
     cfg = write_config(tmp_path / "job.yaml", **tiny_job(
         tiny_llama_dir, eva={"tau": 1.0, "max_batches": 6}, output={"store": str(store), "checkpoint_every": 2},
-        hooks={"forward_fn": "test_resume:slow_forward"}))
+        hooks={"forward_fn": "rel_helpers:gated_forward"}))
     cmd = [sys.executable, "-m", "evapipe.compute", "--config", str(cfg), "--no-progress"]
-    env = dict(ENV, EVAPIPE_TEST_DELAY="0.4")
+    env = dict(ENV, EVAPIPE_TEST_GATE=str(gate))
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(store.glob(".locks/*.lock")) and time.time() < deadline:  # the first one holds the lock
-        time.sleep(0.05)
+    reached = Path(f"{gate}.reached")
+    deadline = time.monotonic() + 300
+    while not reached.exists() and first.poll() is None and time.monotonic() < deadline:  # in its first forward
+        time.sleep(0.02)
+    assert reached.exists() and first.poll() is None, first.stderr.read() if first.poll() is not None else "timeout"
+    (lock,) = store.glob(".locks/*.lock")
+    with pytest.raises(Timeout):  # the first job holds the store key's lock
+        FileLock(str(lock)).acquire(timeout=0)
     second = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    out1, out2 = first.communicate(timeout=300)[1], second.communicate(timeout=300)[1]
+    lines, waiting = [], threading.Event()
+
+    def read_second() -> None:
+        for line in second.stderr:
+            lines.append(line)
+            if "is running in another process" in line:
+                waiting.set()
+
+    reader = threading.Thread(target=read_second, daemon=True)
+    reader.start()
+    assert waiting.wait(300), "".join(lines)  # the second job saw the lock taken ...
+    gate.touch()  # ... and only then may the first one go on
+    second.wait(timeout=300)
+    reader.join(timeout=60)
+    out1, out2 = first.communicate(timeout=300)[1], "".join(lines)
     assert first.returncode == 0 and second.returncode == 0, out1 + out2
     assert "the same job (store key" in out2 and "is running in another process" in out2
     assert "cache hit" in out2 and "cache hit" not in out1

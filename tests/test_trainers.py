@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from conftest import REPO, chat_data, job_state
 from evapipe import load_config, load_state, run_job
@@ -49,6 +50,41 @@ def chat_adapter(tmp_path_factory, tiny_model_dir):
     return model, data, adapter
 
 
+class StartingPoint(TrainerCallback):
+    """Records every lora_A and lora_B when training begins, before the first optimizer step: what the recipe
+    really starts from (the recipes build their own trainer; `watched` adds this to it)."""
+
+    lora: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.lora = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def watched(trainer_class, callback):
+    """`trainer_class` with `callback` added to every instance (the recipes build their own trainer)."""
+
+    class Watched(trainer_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(callback)
+
+    return Watched
+
+
+def layer_weights(weights: dict[str, torch.Tensor], kind: str, prefix: str) -> dict[str, torch.Tensor]:
+    """{layer name: weight} of the lora_A or lora_B weights, saved or live ('.default' adapter name dropped)."""
+    return {k.removeprefix(prefix).split(f".{kind}")[0]: v for k, v in weights.items() if f".{kind}." in k}
+
+
+def assert_starts_from(start: dict[str, torch.Tensor], components: dict[str, torch.Tensor], prefix: str) -> None:
+    """Training began with lora_A = the EVA components (exactly) and lora_B = 0, on exactly those layers."""
+    a, b = layer_weights(start, "lora_A", prefix), layer_weights(start, "lora_B", prefix)
+    assert a and set(a) == set(components) == set(b), sorted(set(a) ^ set(components))
+    for name, comp in components.items():
+        assert torch.equal(a[name], comp.to(a[name].dtype)), name
+        assert not b[name].any(), name
+
+
 def assert_adapter_moved(before_dir, after_dir) -> None:
     before = load_file(str(before_dir / "adapter_model.safetensors"))
     after = load_file(str(after_dir / "adapter_model.safetensors"))
@@ -59,13 +95,19 @@ def assert_adapter_moved(before_dir, after_dir) -> None:
     assert any(not torch.equal(before[k], after[k]) for k in after if "lora_A" in k)
 
 
-def test_trl_sft_trainer_from_an_adapter_directory(chat_adapter, tmp_path):
+def test_trl_sft_trainer_from_an_adapter_directory(chat_adapter, tmp_path, monkeypatch):
     model, data, adapter = chat_adapter
     out = tmp_path / "sft"
+    import trl
+
+    start = StartingPoint()
+    monkeypatch.setattr(trl, "SFTTrainer", watched(trl.SFTTrainer, start))
     losses = example("sft_trl").main(["--adapter", str(adapter), "--model", model, "--data", data, "--steps", "4",
                                       "--batch-size", "4", "--max-length", "64", "--lr", "1e-2", "--out", str(out)])
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert_adapter_moved(adapter, out / "adapter")
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    assert_starts_from(start.lora, layer_weights(saved, "lora_A", "base_model.model."), "base_model.model.")
 
 
 def test_fsdp_two_cpu_processes_train_the_adapter(chat_adapter, tmp_path):
@@ -96,14 +138,20 @@ def test_fsdp_two_cpu_processes_train_the_adapter(chat_adapter, tmp_path):
     assert torch.equal(layer.lora_B["default"].weight, saved[key])
 
 
-def test_hf_trainer_example(tmp_path):
+def test_hf_trainer_example(tmp_path, monkeypatch):
     """examples/train_minilm_trainer.py: MiniLM as a classifier, a state it finds in --out (computed on the bare
     BertModel: apply_eva_state finds it under `bert.`), 3 Trainer steps, the adapter saved and reloaded."""
     out = tmp_path / "run"
     out.mkdir()
     state_path = job_state(out, "eva.max_batches=2")
     state = load_state(state_path)
-    losses = example("train_minilm_trainer").main(["--steps", "3", "--out", str(out)])
+    recipe = example("train_minilm_trainer")
+    start = StartingPoint()
+    monkeypatch.setattr(recipe, "Trainer", watched(recipe.Trainer, start))
+    losses = recipe.main(["--steps", "3", "--out", str(out)])
+    # training began from the state: lora_A = its components, lora_B = 0, on exactly its layers of rank > 0
+    assert_starts_from(start.lora, {n: a for n, a in state.tensors.items() if state.ranks[n] > 0},
+                       "base_model.model.bert.")
     assert len(losses) == 1 and all(math.isfinite(x) for x in losses)  # logged every min(5, steps) steps
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     a = {k.removeprefix("base_model.model.bert.").removesuffix(".lora_A.weight"): v for k, v in saved.items()
