@@ -11,7 +11,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-# the oldest PEFT pyproject.toml declares, installed beside the venv's own (tests/test_peft_compat.py loads adapters with it)
+# the oldest PEFT pyproject.toml declares, installed beside the venv's own (tests/parity/test_peft_compat.py loads adapters with it)
 PEFT_OLDEST := $(shell sed -n 's/.*"peft>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 
 $(VENV)/.installed: pyproject.toml

@@ -213,3 +213,9 @@ def chat_data(tmp: Path) -> str:
     return write_jsonl(tmp / "chat.jsonl", rows)
 
 
+def exact_pca(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues desc, components rows) of the centred covariance, float64."""
+    x = tokens.double()
+    x = x - x.mean(0)
+    s, v = torch.linalg.eigh(x.T @ x)
+    return s.flip(0), v.flip(1).T

@@ -1,4 +1,4 @@
-"""Run by tests/test_peft_compat.py in a subprocess whose PYTHONPATH puts the oldest declared PEFT first: load each
+"""Run by tests/parity/test_peft_compat.py in a subprocess whose PYTHONPATH puts the oldest declared PEFT first: load each
 adapter directory onto its base model as a user of that PEFT would, and report what PEFT built as JSON.
 
     python tests/old_peft_load.py '[{"dir": ..., "num_labels": null}, ...]'

@@ -18,10 +18,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_exact import exact_pca
 from torch import nn
 
-from conftest import text_batches, tiny_job
+from conftest import exact_pca, text_batches, tiny_job
 from evapipe import EvaSettings, apply_eva_state, compute_eva_state, config_from_dict, run_job
 from evapipe.core.errors import ConfigError
 from evapipe.core.names import expert_key, split_key

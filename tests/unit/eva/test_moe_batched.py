@@ -14,9 +14,8 @@ import copy
 
 import pytest
 import torch
-from test_exact import exact_pca
 
-from conftest import _tiny_tokenizer, text_batches
+from conftest import _tiny_tokenizer, exact_pca, text_batches
 from evapipe import EvaSettings, compute_eva_state
 from evapipe.eva import ipca
 

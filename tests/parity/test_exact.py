@@ -7,17 +7,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from conftest import MINILM_TARGETS, text_batches
+from conftest import MINILM_TARGETS, exact_pca, text_batches
 from evapipe import EvaSettings, compute_eva_state
 from evapipe.model.capture import Capture, TokenSelector
-
-
-def exact_pca(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvalues desc, components rows) of the centred covariance, float64."""
-    x = tokens.double()
-    x = x - x.mean(0)
-    s, v = torch.linalg.eigh(x.T @ x)
-    return s.flip(0), v.flip(1).T
 
 
 def captured_fraction(tokens: torch.Tensor, comps: torch.Tensor) -> float:

@@ -3,9 +3,9 @@
 1 nothing selected -> a clear error after at most one pass; tau 1.0 without max_batches refused
 2 non-finite layer inputs -> a clear error naming the layers; never a state with NaN/Inf
 3 concurrent jobs on one store key (test_concurrent_jobs_on_one_key_share_one_state, below; 2 processes)
-4 ranks that disagree on the store key: tests/test_elastic.py (torchrun)
+4 ranks that disagree on the store key: tests/e2e/test_elastic.py (torchrun)
 5 failures outside the agreed paths: malformed checkpoint marks, the dataset fingerprint (bounded, before the work);
-  rank 0's failing checkpoint mark under torchrun: tests/test_elastic.py
+  rank 0's failing checkpoint mark under torchrun: tests/e2e/test_elastic.py
 6 state/sidecar crash consistency
 7 lying or malformed metadata
 8 task names that climb out of the store

@@ -26,7 +26,7 @@ def code_blocks(language: str) -> list[tuple[Path, str]]:
 
 def test_config_reference_is_current():
     body = CONFIGS_PAGE.read_text().split(START, 1)[1].split(END, 1)[0]
-    assert body.strip() == reference_markdown().strip(), "run: python tests/test_readme.py to regenerate"
+    assert body.strip() == reference_markdown().strip(), "run: python tests/unit/test_readme.py to regenerate"
 
 
 def test_two_commands_and_ci_agree():
