@@ -219,3 +219,23 @@ def exact_pca(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x - x.mean(0)
     s, v = torch.linalg.eigh(x.T @ x)
     return s.flip(0), v.flip(1).T
+
+
+CORDA_JOB = (24, 32, 4)  # samples, max_length, r of the CorDA jobs the tests compare with PEFT
+
+
+def corda_job(model_dir: str, tmp: Path, targets: list[str], method: str = "ipm", **sections) -> dict:
+    """Sections of a small `method: corda` job (PEFT's files written beside the state under tmp/ours)."""
+    n_samples, max_length, r = CORDA_JOB
+    job = {
+        "task": "t", "method": "corda",
+        "model": {"name_or_path": model_dir},
+        "data": {"path": "builtin:support_intents", "max_samples": n_samples, "batch_size": 4,
+                 "max_length": max_length},
+        "corda": {"r": r, "lora_alpha": 8, "target_modules": targets, "corda_method": method,
+                  "covariance_file": str(tmp / "ours" / "cov.pt"), "cache_file": str(tmp / "ours" / "cache.pt")},
+        "output": {"path": str(tmp / "corda.safetensors")},
+    }
+    for name, values in sections.items():
+        job[name] = {**job.get(name, {}), **values}
+    return job

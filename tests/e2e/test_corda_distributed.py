@@ -11,10 +11,9 @@ import re
 
 import pytest
 import torch
-from test_corda import corda_job
 from test_distributed import compute, torchrun
 
-from conftest import write_config
+from conftest import corda_job, write_config
 from evapipe import config_from_dict, run_job
 from evapipe.states.corda_state import load_corda_state
 

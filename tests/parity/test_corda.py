@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import CORDA_JOB, corda_job
 from evapipe import config_from_dict, run_job
 from evapipe.cli import main
 from evapipe.corda.decompose import adapter_weights, decompose
@@ -25,22 +26,7 @@ from evapipe.states.store import job_key, list_states
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
-N_SAMPLES, MAX_LENGTH, R = 24, 32, 4
-
-
-def corda_job(model_dir: str, tmp: Path, targets: list[str], method: str = "ipm", **sections) -> dict:
-    job = {
-        "task": "t", "method": "corda",
-        "model": {"name_or_path": model_dir},
-        "data": {"path": "builtin:support_intents", "max_samples": N_SAMPLES, "batch_size": 4,
-                 "max_length": MAX_LENGTH},
-        "corda": {"r": R, "lora_alpha": 8, "target_modules": targets, "corda_method": method,
-                  "covariance_file": str(tmp / "ours" / "cov.pt"), "cache_file": str(tmp / "ours" / "cache.pt")},
-        "output": {"path": str(tmp / "corda.safetensors")},
-    }
-    for name, values in sections.items():
-        job[name] = {**job.get(name, {}), **values}
-    return job
+N_SAMPLES, MAX_LENGTH, R = CORDA_JOB
 
 
 def load(model_dir: str):
