@@ -17,7 +17,12 @@ from pathlib import Path
 
 from torch import nn
 
+from ..core.config import ModelConfig
 from ..core.errors import ConfigError, StateError, require_path
+from ..model.loading import model_kind, model_skeleton
+from ..model.targets import linear_shape
+from ..states.state import read_header
+from .apply import dropped_prefix, held_under, read_provenance, task_type_of
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -40,7 +45,6 @@ class AdapterFit:
 def adapter_shapes(adapter_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """{key without PEFT's `base_model.model.`: shape} of the adapter's weights, read from the file's header
     (checked against the file's size, so a truncated or foreign file is a StateError), without loading them."""
-    from ..states.state import read_header
 
     path = adapter_file(adapter_dir, ADAPTER_WEIGHTS)
     try:
@@ -77,8 +81,6 @@ def check_adapter(adapter_dir: str | os.PathLike, model: nn.Module, model_spec: 
     for a model with a task head PEFT trains (SEQ_CLS, TOKEN_CLS, QUESTION_ANS), the adapter is for that task.
     The error says which `evapipe apply` writes an adapter that fits (`model_spec`: the model as the user named
     it, e.g. `org/model --kind seq-cls --num-labels 3`). `model` may be on the meta device."""
-    from ..model.targets import linear_shape
-    from .apply import read_provenance, task_type_of
 
     config = read_adapter_config(adapter_dir)
     shapes = adapter_shapes(adapter_dir)
@@ -141,7 +143,6 @@ def _lora_shape_problems(name: str, parts: dict[str, tuple[int, ...]], shape: tu
 
 def _missing_message(names: list[str], missing: list[str], modules: Collection[str], cls: str, built: dict,
                      hint: str) -> str:
-    from .apply import dropped_prefix, held_under
 
     made_for = built.get("class") or "another model class"
     prefix = held_under(modules, names)
@@ -177,9 +178,6 @@ def check_adapter_dir(
 ) -> AdapterFit:
     """`evapipe check`: build `model` (default: the model the adapter was written for, as the class it was
     written for) on the meta device, as `evapipe apply` would load it, and check the adapter against it."""
-    from ..core.config import ModelConfig
-    from ..model.loading import model_kind, model_skeleton
-    from .apply import read_provenance
 
     config = read_adapter_config(adapter_dir)
     built = read_provenance(adapter_dir).get("adapter_for") or {}

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from ..core.errors import ConfigError, StateError, require_path
+from ..core.remote import is_url, location, name_of
 from ..states.metadata import versions
+from ..states.remote_store import save_state, write_file
 from ..states.state import PEFT_PREFIX, EvaState, refuse_existing
 from ..states.statecache import load_state
 from .apply import state_from_peft, to_peft_state_dict
@@ -89,8 +91,6 @@ def convert_file(src: str | Path, dst: str | Path, prefix: bool = True, overwrit
     existing `dst` is replaced only with `overwrite`. An evapipe state may be read from a URL and either kind
     written to one (a PEFT file is read from a path). Returns the state converted (read or written).
     """
-    from ..core.remote import is_url, location, name_of
-    from ..states.remote_store import save_state, write_file
 
     src, dst = location(src), location(dst)
     if str(dst) == str(src) or (isinstance(dst, Path) and isinstance(src, Path) and dst.resolve() == src.resolve()):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..core.errors import StateError
 from ..core.names import expert_key
 from ..eva.budget import scaled_alpha
 from ..model.experts import expert_shape, is_experts_module
@@ -103,7 +104,6 @@ def expert_block(state: EvaState, key: str, rank: int, r: int) -> torch.Tensor |
 def load_expert_components(peft_model: nn.Module, state: EvaState, adapter_name: str, baseline: bool = False) -> None:
     """Each adapted expert parameter's lora_A blocks <- its experts' components (module docstring), lora_B <- 0.
     `baseline`: only check that PEFT built the state's expert ranks, and keep PEFT's default init."""
-    from ..core.errors import StateError
 
     meta, ranks = state.meta, state.ranks
     wanted = {p: r for p, r in parameter_ranks(ranks, meta).items() if r > 0}

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, EvapipeError, StorageError
 
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
@@ -92,7 +92,6 @@ def talking_to(url: str, doing: str, passing: tuple[type[BaseException], ...] = 
     """Any failure of a remote call as one StorageError naming the URL and what was being done. fsspec backends
     raise their own types (botocore, aiohttp, requests ...), so everything but evapipe's errors and the `passing`
     types the caller handles is translated."""
-    from .errors import EvapipeError
 
     try:
         yield

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from .forward import to_device
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -218,7 +219,6 @@ class BlockInputs:
     kwargs: dict[str, Any]
 
     def to(self, device: torch.device) -> BlockInputs:
-        from .forward import to_device
 
         return BlockInputs(self.hidden.to(device), to_device(self.args, device), to_device(self.kwargs, device))
 
@@ -232,7 +232,6 @@ class BlockCalls:
     calls: list[tuple[tuple, dict[str, Any]]]
 
     def to(self, device: torch.device) -> BlockCalls:
-        from .forward import to_device
 
         memo: dict[int, torch.Tensor] = {}
         return BlockCalls(self.hidden.to(device), to_device(self.calls, device, memo))

@@ -13,7 +13,13 @@ from typing import Any
 
 from ..core.config import EvaSettings, JobConfig
 from ..core.errors import ConfigError
+from ..core.sources import resolve_model_path
+from ..eva.budget import layer_r
+from ..model.experts import resolve_expert_params
+from ..model.loading import model_class, model_kind
 from ..model.memory import fmt_bytes, largest_unit, module_bytes
+from ..model.onload import block_list, empty_model
+from ..model.targets import resolve_targets
 
 F32 = 4
 MODES = ("none", "sequential", "device_map")
@@ -54,9 +60,6 @@ def estimate(cfg: JobConfig, world: int = 1) -> JobEstimate:
     import torch
     from transformers import AutoConfig
 
-    from ..core.sources import resolve_model_path
-    from ..model.loading import model_class, model_kind
-    from ..model.onload import block_list, empty_model
 
     m, e, d = cfg.model, cfg.eva, cfg.data
     try:
@@ -113,8 +116,6 @@ class PCATarget:
 
 def pca_targets(model: Any, e: EvaSettings) -> list[PCATarget]:
     """Every target layer and every expert of the targeted expert parameters (eva.target_parameters)."""
-    from ..model.experts import resolve_expert_params
-    from ..model.targets import resolve_targets
 
     out = [PCATarget(t.name, t.in_features) for t in resolve_targets(model, e.target_modules, e.exclude_modules)]
     for p in resolve_expert_params(model, e.target_parameters):
@@ -124,7 +125,6 @@ def pca_targets(model: Any, e: EvaSettings) -> list[PCATarget]:
 
 def pca_bytes(targets: list[PCATarget], e: EvaSettings) -> tuple[int, int]:
     """(the PCA state, the spectrum rank 0 keeps at the end) in bytes, every target with its own PCA."""
-    from ..eva.budget import layer_r
 
     r = layer_r([t.name for t in targets], e.r, e.rank_pattern)
     pca = spectrum = 0

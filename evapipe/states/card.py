@@ -14,7 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..core.remote import is_url, join, location
+from ..core.remote import hub_repo, is_url, join, location, talking_to, upload
+from .remote_store import sidecar_url
+from .report import layer_table, plot_layers
+from .state import atomic_write, read_metadata, spectrum_path
+from .statecache import load_state
 
 CARD_NAME = "README.md"
 PLOT_NAME = "eva-layers.png"
@@ -48,7 +52,6 @@ def model_card(meta: dict[str, Any], state_url: str | None = None, license: str 
     """The card's Markdown for a state's metadata; `state_url` is where the state will be read from."""
     import yaml
 
-    from .report import layer_table
 
     model = (meta.get("model") or {}).get("id") or "<base model>"
     data = meta.get("dataset") or {}
@@ -88,8 +91,6 @@ def model_card(meta: dict[str, Any], state_url: str | None = None, license: str 
 def write_card(state_path: str | Path, out_dir: str | Path, license: str | None = None,
                state_url: str | None = None) -> list[Path]:
     """`evapipe card`: README.md (and the figure, when matplotlib is installed) for a state, into `out_dir`."""
-    from .report import plot_layers
-    from .state import atomic_write, read_metadata
 
     meta = read_metadata(state_path)
     out_dir = Path(out_dir)
@@ -105,8 +106,6 @@ def write_card(state_path: str | Path, out_dir: str | Path, license: str | None 
 
 def push_files(state_path: Path, url: str) -> list[tuple[Path, str]]:
     """(local file, destination) pairs a push sends, in order: everything else first, the state last."""
-    from .remote_store import sidecar_url
-    from .state import spectrum_path
 
     state_url = str(join(url, "eva.safetensors"))
     files = [(spectrum_path(state_path), sidecar_url(state_url))] if spectrum_path(state_path).is_file() else []
@@ -118,8 +117,6 @@ def push_files(state_path: Path, url: str) -> list[tuple[Path, str]]:
 def push(state: str | Path, url: str, license: str | None = None) -> list[str]:
     """`evapipe push`: upload a state, its sidecar and a card to `url` (a Hub repo `hf://org/name`, or any store
     URL or folder). A Hub repo is created if missing. Returns what was written."""
-    from ..core.remote import upload
-    from .statecache import load_state
 
     loaded = load_state(state)  # verified (downloaded first if `state` is a URL)
     with tempfile.TemporaryDirectory(prefix="evapipe-push-") as tmp:
@@ -146,7 +143,6 @@ def _create_hub_repo(url: str) -> None:
     """The Hub repository a push writes to, created (private: False) if it does not exist yet."""
     from huggingface_hub import HfApi
 
-    from ..core.remote import hub_repo, talking_to
 
     repo_type, repo_id, _, _ = hub_repo(url)
     with talking_to(url, "create the Hub repository for"):

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError, StateError
+from ..core.remote import is_url
 from ..eva.planning import allocate, component_caps
 from ..model.layout import Layout, groups_with_singles
 from .assemble import assemble_state
 from .metadata import utc_now
+from .remote_store import save_state
 from .state import EvaState, refuse_existing
 from .statecache import load_state
 
@@ -73,8 +75,6 @@ def rebudget_file(state_path: str | Path, output: str | Path, r: int, rho: float
                   overwrite: bool = False) -> EvaState:
     """`evapipe rebudget`: load a state with its spectrum, re-budget it and write the result to `output` (an
     existing file only with `overwrite`). Either may be a URL."""
-    from ..core.remote import is_url
-    from .remote_store import save_state
 
     if str(output) == str(state_path) or (not is_url(output) and Path(output).resolve() == Path(state_path).resolve()):
         raise ConfigError("--output must differ from --state (the original keeps the spectrum's provenance)")

@@ -18,7 +18,8 @@ import logging
 import time
 
 from ..core.errors import StateError
-from ..core.remote import copy, exists, find, name_of, remove, upload, with_name
+from ..core.remote import copy, exists, find, is_url, name_of, remove, upload, with_name
+from .state import atomic_write, read_header, read_metadata, refuse_existing, spectrum_path
 
 log = logging.getLogger("evapipe")
 
@@ -37,7 +38,6 @@ def pending_sidecar_url(state_url: str, spectrum_id: str) -> str:
 def lookup(url: str, key: str) -> str | None:
     """The state at `url` if it is readable and was computed for `key` (read from its header only: nothing is
     downloaded); None: compute it. Anything else there is kept aside under another name, never deleted."""
-    from .state import read_metadata
 
     if not exists(url):
         return None
@@ -65,7 +65,6 @@ def set_aside(url: str) -> str:
 def publish(local_state, url: str, create: bool = True) -> bool:
     """Upload a local state (and its sidecar) to `url` so that it becomes visible only once complete (see the
     module docstring). With `create`, only if no state is there yet: False means another job's state won."""
-    from .state import read_metadata, spectrum_path
 
     sid = read_metadata(local_state).get("spectrum_id")
     side = spectrum_path(local_state)
@@ -84,7 +83,6 @@ def publish(local_state, url: str, create: bool = True) -> bool:
 
 def remote_sidecar(state_url: str, spectrum_id: str | None) -> str | None:
     """The sidecar written with a remote state: under its usual name or still under its pending one."""
-    from .state import read_header
 
     if not spectrum_id:
         return None
@@ -120,8 +118,6 @@ def save_state(state, dst, overwrite: bool = False) -> None:
     import tempfile
     from pathlib import Path
 
-    from ..core.remote import is_url
-    from .state import refuse_existing
 
     if not is_url(dst):
         refuse_existing(dst, overwrite)
@@ -139,8 +135,6 @@ def write_file(dst, write, overwrite: bool = False) -> None:
     import tempfile
     from pathlib import Path
 
-    from ..core.remote import is_url
-    from .state import atomic_write, refuse_existing
 
     if not is_url(dst):
         refuse_existing(dst, overwrite)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.errors import StateError, StorageError, require_path
 from ..core.names import split_key
+from ..core.remote import is_url, location, ranged
 from .metadata import FORMAT, FORMAT_VERSION, LAYER_KEYED, SEALED_SINCE, StateMeta, migrate
 
 if TYPE_CHECKING:
@@ -299,7 +300,6 @@ def read_header(path: str | Path) -> dict[str, Any]:
     """The safetensors header of a file, checked entry by entry against the file's size (so truncation and
     corrupt offsets are caught here, before safetensors reads the file). A URL's header is read with ranged
     reads: the object itself is not downloaded."""
-    from ..core.remote import is_url, ranged
 
     if is_url(path):
         try:
@@ -375,7 +375,6 @@ def parse_metadata(raw: Mapping[str, str], path: str | Path, text_keys: tuple[st
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Parsed metadata of a state file (a path or a URL), checked and migrated to this version, without reading
     its tensors."""
-    from ..core.remote import location
 
     path = location(path)
     header = read_header(path)
@@ -443,7 +442,6 @@ def check_layers(meta: Mapping[str, Any], path: str | Path = "state") -> None:
 def load_state_file(path: str | Path, with_spectrum: bool = True) -> EvaState:
     """Load a local state file (and its spectrum sidecar when present); corrupt, foreign or inconsistent files
     raise StateError, so a file that loads is the state that was written. (`statecache.load_state` takes URLs.)"""
-    from ..core.remote import location
 
     path = location(path)
     meta = read_metadata(path)

@@ -16,8 +16,9 @@ import os
 from pathlib import Path
 
 from ..core.errors import StateError, StorageError
-from ..core.remote import cache_root
-from .state import EvaState, load_state_file
+from ..core.remote import cache_root, download, is_url
+from .remote_store import remote_sidecar
+from .state import CHECKSUM_KEY, EvaState, _load_tensors, atomic_write, load_state_file, read_header, spectrum_path
 
 log = logging.getLogger("evapipe")
 
@@ -41,7 +42,6 @@ def _url_record(url: str) -> Path:
 def fetch(url: str, with_spectrum: bool = True) -> Path:
     """The local, verified copy of the state at `url` (and of its sidecar when `with_spectrum`), downloaded only
     if the cache lacks it. If the store cannot be reached, the copy this URL last resolved to is used."""
-    from .state import read_header
 
     try:
         header = read_header(url)
@@ -60,7 +60,6 @@ def fetch(url: str, with_spectrum: bool = True) -> Path:
     if with_spectrum and sid and not (entry / SIDECAR_NAME).is_file():
         _fetch_sidecar(url, entry / SIDECAR_NAME, sid)
     _url_record(url).parent.mkdir(parents=True, exist_ok=True)
-    from .state import atomic_write
 
     atomic_write(_url_record(url), lambda tmp: Path(tmp).write_text(entry.name))
     return state
@@ -68,8 +67,6 @@ def fetch(url: str, with_spectrum: bool = True) -> Path:
 
 def _download_verified(url: str, dst: Path, header: dict) -> None:
     """Download to a temporary file, check it is the state whose header was read, and rename it into place."""
-    from ..core.remote import download
-    from .state import atomic_write, read_header
 
     def write(tmp: str) -> None:
         download(url, Path(tmp))
@@ -82,9 +79,6 @@ def _download_verified(url: str, dst: Path, header: dict) -> None:
 
 
 def _fetch_sidecar(url: str, dst: Path, spectrum_id: str) -> None:
-    from ..core.remote import download
-    from .remote_store import remote_sidecar
-    from .state import CHECKSUM_KEY, _load_tensors, atomic_write, read_header
 
     side = remote_sidecar(url, spectrum_id)
     if side is None:
@@ -103,7 +97,6 @@ def _fetch_sidecar(url: str, dst: Path, spectrum_id: str) -> None:
 
 def adopt(local_state: Path, url: str) -> None:
     """Keep a state just stored at `url` in the cache (moved, not copied), so applying it needs no download."""
-    from .state import read_header, spectrum_path
 
     entry = cache_root() / "states" / header_digest(read_header(local_state))
     entry.mkdir(parents=True, exist_ok=True)
@@ -117,6 +110,5 @@ def adopt(local_state: Path, url: str) -> None:
 def load_state(path: str | Path, with_spectrum: bool = True) -> EvaState:
     """Load a state from a path or a URL: a URL is downloaded once into the local cache, verified, and loaded from
     there; corrupt, foreign or inconsistent files raise StateError, so a state that loads is the one written."""
-    from ..core.remote import is_url
 
     return load_state_file(fetch(str(path), with_spectrum) if is_url(path) else path, with_spectrum)

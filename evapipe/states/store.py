@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.config import DataConfig, JobConfig, ModelConfig
+from ..core.config import DataConfig, JobConfig, ModelConfig, plain_name
 from ..core.errors import ConfigError, StateError
+from ..core.remote import check_reachable, is_url, join, location
 from ..core.sources import (
     VOLATILE_CONFIG_KEYS,
     data_files,
@@ -183,8 +184,6 @@ def state_file(cfg: JobConfig) -> str:
 
 def state_dir(store: str | Path, cfg: JobConfig, key: str) -> Path | str:
     """The entry's folder: a Path in a local store, a URL string in one on object storage (remote.py)."""
-    from ..core.config import plain_name
-    from ..core.remote import join
 
     if not plain_name(cfg.task):  # also for configs built without validation: never a path out of the store
         raise ConfigError(f"`task` must be a plain name (no '/', '\\', '..' or leading '.'), got {cfg.task!r}")
@@ -193,7 +192,6 @@ def state_dir(store: str | Path, cfg: JobConfig, key: str) -> Path | str:
 
 def lock_path(store: str | Path, cfg: JobConfig, key: str) -> Path:
     """The lock of one store entry: in the store's hidden `.locks/` folder, so the entry holds only its files."""
-    from ..core.remote import is_url, location
 
     if is_url(store):  # a lock on this machine only: jobs elsewhere both compute and one wins (remote_store.py)
         from ..core.remote import cache_root
@@ -209,7 +207,6 @@ def lookup(path: Path | str, key: str) -> Path | str | None:
 
     Anything else found there is kept aside (renamed, never deleted) so the recomputed state cannot overwrite it.
     """
-    from ..core.remote import is_url
 
     if is_url(path):
         from .remote_store import lookup as remote_lookup
@@ -279,7 +276,6 @@ def list_states(directory: str | Path) -> list[StoreEntry]:
     Unreadable states are listed with their error; other safetensors files, hidden folders, checkpoints
     (`*.zarr`) and temporary files are skipped.
     """
-    from ..core.remote import check_reachable, location
 
     directory = location(directory)
     if isinstance(directory, str):
@@ -316,7 +312,6 @@ def _sorted(entries: list[StoreEntry]) -> list[StoreEntry]:
 def remote_entry(cfg: JobConfig, key: str) -> str | None:
     """The store entry's URL when output.store is on object storage: the state is computed into a local work
     folder (checkpoints included), then published there (remote_store.py)."""
-    from ..core.remote import is_url, join
 
     if not (cfg.output.store and is_url(cfg.output.store)):
         return None
