@@ -95,7 +95,7 @@ def measure(config: str) -> None:
     if run.returncode != 0:
         sys.exit(run.stderr[-3000:])
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    split = re.search(r"forward ([\d.]+)s, SVD ([\d.]+)s", run.stderr)  # the job summary's line for rank 0
+    split = re.search(r"forward ([\d.]+)s, SVD ([\d.]+)s", run.stdout + run.stderr)  # the summary (stdout; stderr before #21)
     rounds = [int(n) for n in re.findall(r"sequential round at step \d+: .*?, (\d+) step", run.stderr)]
     print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
                       "forward_s": float(split[1]) if split else None, "svd_s": float(split[2]) if split else None,
