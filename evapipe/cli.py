@@ -244,13 +244,13 @@ def apply_command(state_path: str, output: str, load_4bit: bool, load_8bit: bool
 
 
 def _apply_corda(state_path: str, output: str, quantized: bool, *, kind: str | None, num_labels: int | None,
-                 use_dora: bool, use_rslora: bool, seed: int, **options) -> None:
+                 use_dora: bool, use_rslora: bool, seed: int, baseline: bool, **options) -> None:
     """`evapipe apply` of a CorDA state: the adapter plus the residual model it trains on."""
     from .adapters.corda import RESIDUAL_DIR, apply_corda_to_directory
 
     unsupported = [flag for flag, on in (("--load-in-4bit/--load-in-8bit", quantized), ("--kind", kind),
                                          ("--num-labels", num_labels), ("--use-dora", use_dora),
-                                         ("--use-rslora", use_rslora)) if on]
+                                         ("--use-rslora", use_rslora), ("--baseline", baseline)) if on]
     if unsupported:
         raise click.UsageError(f"{', '.join(unsupported)} are not supported for CorDA states (CorDA changes the float "
                                "base weights of the model it was computed on)")

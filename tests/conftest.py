@@ -15,6 +15,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "evapipe" / "assets"
+# where a job in a subprocess finds the tests' helpers and the test modules its config names as hooks
+TEST_PATHS = [str(REPO / "tests" / d) for d in ("", "e2e", "parity")]
 MINILM_TARGETS = ["query", "key", "value", "intermediate.dense", "output.dense"]  # output.dense: attention.output.dense too
 
 

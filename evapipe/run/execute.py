@@ -22,8 +22,7 @@ from ..core.distributed import Comm, collectively, init_comm, local_device
 from ..data import TaskRows, make_collator, open_rows, rank_batches
 from ..model.forward import UserHooks
 from ..model.loading import load_blocks, load_model, load_processor
-from ..states import checkpoint
-from ..states.remote_store import publish
+from ..states import checkpoint, remote_store
 from ..states.statecache import adopt
 from ..states.store import remote_entry
 from .corda_job import compute_corda
@@ -40,7 +39,7 @@ def publish_state(local: Path, url: str, force: bool, ckpt: Path | None) -> str 
     """Upload a state computed for a store on object storage; keep it in the local cache (apply then needs no
     download). None: another job's state was stored first (create-if-absent), ours is discarded."""
 
-    won = publish(local, url, create=not force)
+    won = remote_store.publish(local, url, create=not force)
     if ckpt is not None:
         checkpoint.remove(ckpt)
     if not won:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MINILM_TARGETS, REPO, write_config
+from conftest import MINILM_TARGETS, REPO, TEST_PATHS, write_config
 from evapipe import load_config, load_state, read_metadata, run_job
 from evapipe.core.distributed import assign_owners, local_device
 from evapipe.core.errors import ConfigError
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 FAIL_WITHIN_S = 120  # a failed job must end by then (a hang in a collective would last distributed.timeout_s)
 RUN_WITHIN_S = 240  # a good job's bound, generous for a busy 2-core machine
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+       "PYTHONPATH": os.pathsep.join([*TEST_PATHS, os.environ.get("PYTHONPATH", "")])}
 
 
 def free_port() -> int:

@@ -27,7 +27,7 @@ import torch
 from click.testing import CliRunner
 from test_resume import assert_same_state
 
-from conftest import REPO, tiny_job, write_config
+from conftest import TEST_PATHS, tiny_job, write_config
 from evapipe import config_from_dict, load_state, read_metadata, run_job
 from evapipe.cli import main
 from evapipe.core.errors import EvapipeError
@@ -36,7 +36,7 @@ from evapipe.states.state import EvaState, spectrum_path
 
 SEEDS = range(int(os.environ.get("EVAPIPE_FAULT_SEEDS", "3")))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+       "PYTHONPATH": os.pathsep.join([*TEST_PATHS, os.environ.get("PYTHONPATH", "")])}
 
 
 # -- SIGKILL at random points ----------------------------------------------------------------------------------------

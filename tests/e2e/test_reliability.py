@@ -29,7 +29,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import REPO, tiny_job, write_config
+from conftest import REPO, TEST_PATHS, tiny_job, write_config
 from evapipe import compute_eva_state, config_from_dict, load_state, read_metadata, run_job
 from evapipe.cli import main
 from evapipe.core.errors import ConfigError, DataError, StateError
@@ -37,7 +37,7 @@ from evapipe.states.state import EvaState, pending_spectrum_path, spectrum_path
 from evapipe.states.store import job_key, list_states, lookup
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+       "PYTHONPATH": os.pathsep.join([*TEST_PATHS, os.environ.get("PYTHONPATH", "")])}
 
 
 def jsonl(path: Path, rows: list[dict]) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, tiny_job, write_config
+from conftest import TEST_PATHS, tiny_job, write_config
 from evapipe import config_from_dict, load_state, run_job
 from evapipe.core.errors import ConfigError
 from evapipe.model.forward import default_forward
@@ -44,7 +44,7 @@ def job(llama_dir, out, **eva):
 def kill_then_rerun(cfg_path: Path, out: Path, delay: float) -> tuple[int, str]:
     """Start the job, SIGKILL it once a checkpoint is complete, then run it again to the end: the step the
     checkpoint holds and the second run's stderr."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([*TEST_PATHS, os.environ.get('PYTHONPATH', '')]))
     cmd = [sys.executable, "-m", "evapipe.compute", "--config", str(cfg_path), "--no-progress"]
     ckpt = checkpoint_dir(out)
     proc = subprocess.Popen(cmd, env=dict(env, EVAPIPE_TEST_DELAY=str(delay)), stdout=subprocess.DEVNULL,
