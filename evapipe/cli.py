@@ -54,7 +54,8 @@ def main() -> None:
               help="Print the summary as JSON on stdout (path, cached, ranks and alphas per layer, tokens, processes) "
                    "instead of the table.")
 @click.option("--quiet", "-q", is_flag=True,
-              help="Print neither the summary nor progress and logs; errors and warnings still go to stderr.")
+              help="Print neither the summary table nor progress and logs (with --json: the JSON alone); errors and "
+                   "warnings still go to stderr.")
 @click.option("--force", is_flag=True, help="Recompute even if output.store already holds this job's state.")
 @click.option("--restart", is_flag=True,
               help="Discard a checkpoint beside the output (e.g. one of another config) instead of resuming from it.")
@@ -75,7 +76,7 @@ def compute_command(config_path: str, overrides: tuple[str, ...], no_progress: b
     try:
         cfg = load_config(config_path, overrides)
         result = run_job(cfg, show_progress=not no_progress, force=force, restart=restart, quiet=quiet)
-        if quiet or launcher_rank() != 0:
+        if launcher_rank() != 0 or (quiet and not as_json):  # --json --quiet: the JSON alone, nothing on stderr
             return
         click.echo(_job_output(result, as_json))
     except EvapipeError as err:
@@ -86,13 +87,14 @@ def compute_command(config_path: str, overrides: tuple[str, ...], no_progress: b
 def _job_output(result: JobResult, as_json: bool) -> str:
     """The compute job's result as `evapipe compute` prints it (a cache hit's from its file's metadata)."""
     from .states.corda_state import read_state_metadata
-    from .states.report import corda_summary, job_record, job_summary
+    from .states.report import corda_record, corda_summary, job_record, job_summary
 
     meta = result.state.meta if result.state is not None else read_state_metadata(result.path)
     args = (meta, result.rank_stats, result.seconds, result.path, result.cached)
+    corda = meta.get("method") == "corda"
     if as_json:
-        return json.dumps(job_record(*args), indent=2)
-    return (corda_summary if meta.get("method") == "corda" else job_summary)(*args).lstrip("\n")
+        return json.dumps((corda_record if corda else job_record)(*args), indent=2)
+    return (corda_summary if corda else job_summary)(*args).lstrip("\n")
 
 
 main.add_command(compute_command)

@@ -93,6 +93,21 @@ def job_record(meta: dict[str, Any], rank_stats: Sequence[Any], seconds: float, 
     }
 
 
+def corda_record(meta: dict[str, Any], rank_stats: Sequence[Any], seconds: float, path: Path,
+                 cached: bool = False) -> dict[str, Any]:
+    """A CorDA job's summary as JSON-able data (`evapipe compute --json` with method: corda)."""
+    return {
+        "path": str(path), "cached": cached, "seconds": round(seconds, 3), "method": "corda", "task": meta.get("task"),
+        "model": (meta.get("model") or {}).get("id"), "store_key": meta.get("store_key"), "r": meta["r"],
+        "corda_method": meta.get("corda_method"), "tokens": meta.get("tokens"), "batches": meta.get("batches"),
+        "layers": [{"layer": n, "rank": int(k), "in_features": int(meta["in_features"][n]),
+                    "out_features": int(meta["out_features"][n]), "samples": meta["samples"].get(n)}
+                   for n, k in meta["ranks"].items()],
+        "processes": [{"process": st.rank, "forward_s": st.forward_s, "covariance_s": st.add_s, "comm_s": st.comm_s,
+                       "decompose_s": st.decompose_s, "covariances": len(st.owned)} for st in rank_stats],
+    }
+
+
 def store_table(entries: Sequence[Any]) -> str:
     """`evapipe list`: one line per state (store.StoreEntry), unreadable ones with their error."""
     if not entries:

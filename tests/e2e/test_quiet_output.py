@@ -84,6 +84,9 @@ def test_compute_json_summary_and_quiet(computed, tmp_path):
     quiet = run(tmp_path, "compute", "--config", config, "--set", f"output.path={tmp_path / 'q.safetensors'}", *SMALL,
                 "--quiet")
     assert quiet.stdout == "" and quiet.stderr == ""  # neither the table nor progress nor logs
+    both = run(tmp_path, "compute", "--config", config, "--set", f"output.path={tmp_path / 'q.safetensors'}", *SMALL,
+               "--json", "--quiet")  # a cache-free rerun: the JSON alone on stdout, nothing on stderr
+    assert json.loads(both.stdout)["path"] == str(tmp_path / "q.safetensors") and both.stderr == ""
     assert read_metadata(tmp_path / "q.safetensors")["ranks"] == meta["ranks"]
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import CORDA_JOB, corda_job
+from conftest import CORDA_JOB, corda_job, write_config
 from evapipe import config_from_dict, run_job
 from evapipe.cli import main
 from evapipe.corda.decompose import adapter_weights, decompose
@@ -191,6 +191,14 @@ def test_store_list_show_and_cache_hit(tmp_path, tiny_llama_dir, caplog):
     assert listed.exit_code == 0 and "corda" in listed.output
     shown = runner.invoke(main, ["show", str(first.path)])
     assert shown.exit_code == 0 and "model.layers.1.mlp.down_proj" in shown.output and "ipm" in shown.output
+    config = write_config(tmp_path / "job.yaml", **job)
+    for extra in ([], ["--force"]):  # the cache hit's summary from the file, the computed one's with its processes
+        done = runner.invoke(main, ["compute", "--config", str(config), "--json", "--quiet", *extra])
+        assert done.exit_code == 0, done.output
+        record = json.loads(done.stdout)
+        assert record["method"] == "corda" and record["cached"] == (not extra) and record["corda_method"] == "ipm"
+        assert {row["layer"]: row["rank"] for row in record["layers"]} == dict(entry_ranks(first.path))
+        assert len(record["processes"]) == (1 if extra else 0)
 
 
 def test_resume_continues_to_the_same_state(tmp_path, tiny_llama_dir, caplog):
@@ -225,3 +233,7 @@ def test_sequential_onloading_gives_the_in_memory_state(tmp_path, tiny_model_dir
         torch.testing.assert_close(s2, s, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(u2 * sign, u, rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(v2 * sign, v, rtol=1e-3, atol=1e-4)
+
+
+def entry_ranks(path: Path) -> dict[str, int]:
+    return {n: int(k) for n, k in read_state_metadata(path)["ranks"].items()}
