@@ -30,7 +30,7 @@ $(VENV)/peft-oldest/.installed: pyproject.toml $(VENV)/.installed
 setup: $(VENV)/.installed $(VENV)/peft-oldest/.installed
 
 demo: setup
-	$(VENV)/bin/python -m evapipe.compute --config configs/default.yaml
+	@$(VENV)/bin/python -m evapipe.compute --config configs/default.yaml
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
