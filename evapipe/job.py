@@ -62,7 +62,6 @@ def setup_logging(rank: int, quiet: bool = False) -> None:
 def output_paths(cfg: JobConfig, key: str) -> list[Path]:
     """Where the state goes: the store entry (when output.store is set; a local work path for a store on object
     storage) first, then output.path."""
-
     remote = remote_entry(cfg, key)
     if remote:
         paths = [cache_root() / "work" / json_digest(remote, 16) / state_file(cfg)]
@@ -79,7 +78,6 @@ def output_paths(cfg: JobConfig, key: str) -> list[Path]:
 def cached_result(key: str, paths: list[Path], start: float, remote: str | None = None) -> JobResult | None:
     """A store hit for this job (copied to output.path too), or None. Reads file headers only: no torch import
     (and, for a store on object storage, no download unless output.path wants a copy)."""
-
     hit = lookup(remote or paths[0], key)
     if hit is None:
         return None
@@ -112,7 +110,6 @@ class Plan:
 def plan_job(cfg: JobConfig, force: bool, start: float, waiting: Callable[[], None] = lambda: None) -> tuple[Plan, Any]:
     """Rank 0's plan, and the store entry's lock it now holds (None without a store): the lock is taken before the
     cache lookup, so a second run of a job still computing waits for it and then takes its state."""
-
     job = job_identity(cfg)
     paths = output_paths(cfg, job["key"])
     if not cfg.output.store:
@@ -198,7 +195,6 @@ def launcher_rank() -> int:
 def check_inputs(cfg: JobConfig) -> None:
     """Every file the config names exists (model folder, data files, with data.streaming too) and every hook
     imports, before any weight is read: a typo costs a second, not a model load. Torch-free."""
-
     resolve_model_path(cfg.model.name_or_path)
     local_data_files(resolve_data_path(cfg.data.path), cfg.data.path)
     for key in ("forward_fn", "prepare_model_inputs_fn", "prepare_layer_inputs_fn"):

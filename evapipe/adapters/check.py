@@ -45,7 +45,6 @@ class AdapterFit:
 def adapter_shapes(adapter_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """{key without PEFT's `base_model.model.`: shape} of the adapter's weights, read from the file's header
     (checked against the file's size, so a truncated or foreign file is a StateError), without loading them."""
-
     path = adapter_file(adapter_dir, ADAPTER_WEIGHTS)
     try:
         header = read_header(path)
@@ -81,7 +80,6 @@ def check_adapter(adapter_dir: str | os.PathLike, model: nn.Module, model_spec: 
     for a model with a task head PEFT trains (SEQ_CLS, TOKEN_CLS, QUESTION_ANS), the adapter is for that task.
     The error says which `evapipe apply` writes an adapter that fits (`model_spec`: the model as the user named
     it, e.g. `org/model --kind seq-cls --num-labels 3`). `model` may be on the meta device."""
-
     config = read_adapter_config(adapter_dir)
     shapes = adapter_shapes(adapter_dir)
     built = (read_provenance(adapter_dir).get("adapter_for") or {})
@@ -178,7 +176,6 @@ def check_adapter_dir(
 ) -> AdapterFit:
     """`evapipe check`: build `model` (default: the model the adapter was written for, as the class it was
     written for) on the meta device, as `evapipe apply` would load it, and check the adapter against it."""
-
     config = read_adapter_config(adapter_dir)
     built = read_provenance(adapter_dir).get("adapter_for") or {}
     name = model or built.get("model") or config.get("base_model_name_or_path")

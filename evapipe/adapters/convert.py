@@ -91,7 +91,6 @@ def convert_file(src: str | Path, dst: str | Path, prefix: bool = True, overwrit
     existing `dst` is replaced only with `overwrite`. An evapipe state may be read from a URL and either kind
     written to one (a PEFT file is read from a path). Returns the state converted (read or written).
     """
-
     src, dst = location(src), location(dst)
     if str(dst) == str(src) or (isinstance(dst, Path) and isinstance(src, Path) and dst.resolve() == src.resolve()):
         raise ConfigError(f"convert reads {src} and cannot write over it; give another DST")

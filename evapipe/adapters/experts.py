@@ -104,7 +104,6 @@ def expert_block(state: EvaState, key: str, rank: int, r: int) -> torch.Tensor |
 def load_expert_components(peft_model: nn.Module, state: EvaState, adapter_name: str, baseline: bool = False) -> None:
     """Each adapted expert parameter's lora_A blocks <- its experts' components (module docstring), lora_B <- 0.
     `baseline`: only check that PEFT built the state's expert ranks, and keep PEFT's default init."""
-
     meta, ranks = state.meta, state.ranks
     wanted = {p: r for p, r in parameter_ranks(ranks, meta).items() if r > 0}
     wrappers = param_wrappers(peft_model, adapter_name)

@@ -92,7 +92,6 @@ def talking_to(url: str, doing: str, passing: tuple[type[BaseException], ...] = 
     """Any failure of a remote call as one StorageError naming the URL and what was being done. fsspec backends
     raise their own types (botocore, aiohttp, requests ...), so everything but evapipe's errors and the `passing`
     types the caller handles is translated."""
-
     try:
         yield
     except (EvapipeError, *passing):

@@ -18,7 +18,7 @@ def _listed(names: Sequence[str]) -> str:
     return f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
 
 
-def check_layer_inputs(tokens: Mapping[str, torch.Tensor], width: Mapping[str, int], step: int) -> None:
+def check_layer_inputs(tokens: Mapping[str, torch.Tensor], width: Mapping[str, int]) -> None:
     """Refuse layer inputs that would break routing. Finiteness is checked by the PCA update itself (see
     non_finite_inputs), from sums it computes anyway: a separate pass over every input cost a tenth of a run."""
     for n, x in tokens.items():

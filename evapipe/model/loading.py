@@ -150,7 +150,6 @@ def load_model(cfg: ModelConfig, device: torch.device, num_labels: int | None = 
 def model_skeleton(cfg: ModelConfig, num_labels: int | None = None) -> tuple[nn.Module, str]:
     """The model `load_model` would load, built on the meta device: every module's name and shape, and no weight
     read from disk or held in memory."""
-
     _, hf_config, kind, cls = _resolve(cfg, num_labels)
     return empty_model(cls, hf_config, getattr(torch, cfg.dtype), cfg.trust_remote_code), kind
 
@@ -158,7 +157,6 @@ def model_skeleton(cfg: ModelConfig, num_labels: int | None = None) -> tuple[nn.
 def load_blocks(cfg: ModelConfig, device: torch.device) -> tuple[Any, str]:
     """The model for model.offload: sequential -- built without weights, what runs before its first block loaded
     on `device`, its blocks left in the checkpoint (onload.BlockModel) -- and its kind."""
-
     _, hf_config, kind, cls = _resolve(cfg, None)
     refuse_unsupported(hf_config)  # from the config alone: before the checkpoint is fetched or read
     folder = local_checkpoint(cfg)
@@ -187,7 +185,6 @@ def local_checkpoint(cfg: ModelConfig) -> str:
 
 def device_map_kwargs(cfg: ModelConfig, cls: Any, hf_config: Any, dtype: torch.dtype) -> dict[str, Any]:
     """from_pretrained's big-model-inference arguments, with the budget and offload folder checked first."""
-
     kw: dict[str, Any] = {"device_map": cfg.device_map or "auto"}
     if cfg.max_memory is not None:
         check_budget(cfg.max_memory, empty_model(cls, hf_config, dtype))

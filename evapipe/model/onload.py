@@ -245,7 +245,6 @@ class BlockCalls:
 
 def _stand_in(calls: list[BlockInputs], last: bool, as_tuple: bool) -> Callable[..., Any]:
     """A block's forward for one pass: records the call and hands its hidden-state input on unchanged."""
-
     def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         calls.append(BlockInputs(hidden, args, kwargs))
         if last:

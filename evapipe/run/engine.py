@@ -65,7 +65,7 @@ class EvaRun(Driver):
                     active = plan.needed | (plan.refine & self.source.active)
                     feeding = [o for o in core.progress.layout.owners if o in active]
                 tokens = self.source.forward(batch, first)
-                check_layer_inputs(tokens, core.width, core.progress.step)
+                check_layer_inputs(tokens, core.width)
                 if first and self.comm.is_main:
                     layout = self.source.layout()
         if first:  # every rank uses rank 0's groups and execution order, so all plan the same passes

@@ -116,7 +116,6 @@ class PCATarget:
 
 def pca_targets(model: Any, e: EvaSettings) -> list[PCATarget]:
     """Every target layer and every expert of the targeted expert parameters (eva.target_parameters)."""
-
     out = [PCATarget(t.name, t.in_features) for t in resolve_targets(model, e.target_modules, e.exclude_modules)]
     for p in resolve_expert_params(model, e.target_parameters):
         out += [PCATarget(k, p.in_features, p.share) for k in p.keys()]
@@ -125,7 +124,6 @@ def pca_targets(model: Any, e: EvaSettings) -> list[PCATarget]:
 
 def pca_bytes(targets: list[PCATarget], e: EvaSettings) -> tuple[int, int]:
     """(the PCA state, the spectrum rank 0 keeps at the end) in bytes, every target with its own PCA."""
-
     r = layer_r([t.name for t in targets], e.r, e.rank_pattern)
     pca = spectrum = 0
     for t in targets:

@@ -38,7 +38,6 @@ log = logging.getLogger("evapipe")
 def publish_state(local: Path, url: str, force: bool, ckpt: Path | None) -> str | None:
     """Upload a state computed for a store on object storage; keep it in the local cache (apply then needs no
     download). None: another job's state was stored first (create-if-absent), ours is discarded."""
-
     won = remote_store.publish(local, url, create=not force)
     if ckpt is not None:
         checkpoint.remove(ckpt)
@@ -53,7 +52,6 @@ def publish_state(local: Path, url: str, force: bool, ckpt: Path | None) -> str 
 
 def join(cfg: JobConfig) -> Comm:
     """This process in the job's process group (one process: a group of one)."""
-
     return init_comm(local_device(cfg.model.device), cfg.distributed.timeout_s, cfg.distributed.backend)
 
 

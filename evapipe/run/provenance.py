@@ -14,7 +14,6 @@ from ..model.loading import model_info
 def provenance(cfg: JobConfig, job: dict[str, Any], model: nn.Module, kind: str, rows: TaskRows,
                fingerprint: str | None) -> dict[str, Any]:
     """Task, store key, where the model and the data came from: what every method's state records."""
-
     info = model_info(model, cfg.model.name_or_path, cfg.model.revision)
     d = cfg.data
     return {

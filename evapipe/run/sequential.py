@@ -160,7 +160,7 @@ class SequentialRun(Driver):
         out = []
         call = item.calls.inputs(i, self.blocks.device)
         tokens = self.source.capture_pass(lambda: out.append(self.blocks.call(block, call)), item.selection, first)
-        check_layer_inputs(tokens, self.core.width, self.progress.step)
+        check_layer_inputs(tokens, self.core.width)
         if out:
             item.calls.hidden = out[0].to(HOST)
         else:

@@ -91,7 +91,6 @@ def model_card(meta: dict[str, Any], state_url: str | None = None, license: str 
 def write_card(state_path: str | Path, out_dir: str | Path, license: str | None = None,
                state_url: str | None = None) -> list[Path]:
     """`evapipe card`: README.md (and the figure, when matplotlib is installed) for a state, into `out_dir`."""
-
     meta = read_metadata(state_path)
     out_dir = Path(out_dir)
     written = []
@@ -106,7 +105,6 @@ def write_card(state_path: str | Path, out_dir: str | Path, license: str | None 
 
 def push_files(state_path: Path, url: str) -> list[tuple[Path, str]]:
     """(local file, destination) pairs a push sends, in order: everything else first, the state last."""
-
     state_url = str(join(url, "eva.safetensors"))
     files = [(spectrum_path(state_path), sidecar_url(state_url))] if spectrum_path(state_path).is_file() else []
     card = state_path.parent / CARD_NAME
@@ -117,7 +115,6 @@ def push_files(state_path: Path, url: str) -> list[tuple[Path, str]]:
 def push(state: str | Path, url: str, license: str | None = None) -> list[str]:
     """`evapipe push`: upload a state, its sidecar and a card to `url` (a Hub repo `hf://org/name`, or any store
     URL or folder). A Hub repo is created if missing. Returns what was written."""
-
     loaded = load_state(state)  # verified (downloaded first if `state` is a URL)
     with tempfile.TemporaryDirectory(prefix="evapipe-push-") as tmp:
         local = Path(tmp) / "eva.safetensors"

@@ -75,7 +75,6 @@ def rebudget_file(state_path: str | Path, output: str | Path, r: int, rho: float
                   overwrite: bool = False) -> EvaState:
     """`evapipe rebudget`: load a state with its spectrum, re-budget it and write the result to `output` (an
     existing file only with `overwrite`). Either may be a URL."""
-
     if str(output) == str(state_path) or (not is_url(output) and Path(output).resolve() == Path(state_path).resolve()):
         raise ConfigError("--output must differ from --state (the original keeps the spectrum's provenance)")
     if not is_url(output):

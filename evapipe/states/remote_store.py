@@ -38,7 +38,6 @@ def pending_sidecar_url(state_url: str, spectrum_id: str) -> str:
 def lookup(url: str, key: str) -> str | None:
     """The state at `url` if it is readable and was computed for `key` (read from its header only: nothing is
     downloaded); None: compute it. Anything else there is kept aside under another name, never deleted."""
-
     if not exists(url):
         return None
     try:
@@ -65,7 +64,6 @@ def set_aside(url: str) -> str:
 def publish(local_state, url: str, create: bool = True) -> bool:
     """Upload a local state (and its sidecar) to `url` so that it becomes visible only once complete (see the
     module docstring). With `create`, only if no state is there yet: False means another job's state won."""
-
     sid = read_metadata(local_state).get("spectrum_id")
     side = spectrum_path(local_state)
     pending = pending_sidecar_url(url, sid) if sid and side.is_file() else None
@@ -83,7 +81,6 @@ def publish(local_state, url: str, create: bool = True) -> bool:
 
 def remote_sidecar(state_url: str, spectrum_id: str | None) -> str | None:
     """The sidecar written with a remote state: under its usual name or still under its pending one."""
-
     if not spectrum_id:
         return None
     for candidate in (sidecar_url(state_url), pending_sidecar_url(state_url, spectrum_id)):

@@ -300,7 +300,6 @@ def read_header(path: str | Path) -> dict[str, Any]:
     """The safetensors header of a file, checked entry by entry against the file's size (so truncation and
     corrupt offsets are caught here, before safetensors reads the file). A URL's header is read with ranged
     reads: the object itself is not downloaded."""
-
     if is_url(path):
         try:
             size, read = ranged(str(path))
@@ -375,7 +374,6 @@ def parse_metadata(raw: Mapping[str, str], path: str | Path, text_keys: tuple[st
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Parsed metadata of a state file (a path or a URL), checked and migrated to this version, without reading
     its tensors."""
-
     path = location(path)
     header = read_header(path)
     raw = header.get("__metadata__") or {}
@@ -442,7 +440,6 @@ def check_layers(meta: Mapping[str, Any], path: str | Path = "state") -> None:
 def load_state_file(path: str | Path, with_spectrum: bool = True) -> EvaState:
     """Load a local state file (and its spectrum sidecar when present); corrupt, foreign or inconsistent files
     raise StateError, so a file that loads is the state that was written. (`statecache.load_state` takes URLs.)"""
-
     path = location(path)
     meta = read_metadata(path)
     raw = read_header(path)["__metadata__"]

@@ -42,7 +42,6 @@ def _url_record(url: str) -> Path:
 def fetch(url: str, with_spectrum: bool = True) -> Path:
     """The local, verified copy of the state at `url` (and of its sidecar when `with_spectrum`), downloaded only
     if the cache lacks it. If the store cannot be reached, the copy this URL last resolved to is used."""
-
     try:
         header = read_header(url)
     except StorageError as err:
@@ -67,7 +66,6 @@ def fetch(url: str, with_spectrum: bool = True) -> Path:
 
 def _download_verified(url: str, dst: Path, header: dict) -> None:
     """Download to a temporary file, check it is the state whose header was read, and rename it into place."""
-
     def write(tmp: str) -> None:
         download(url, Path(tmp))
         if read_header(tmp) != header:
@@ -97,7 +95,6 @@ def _fetch_sidecar(url: str, dst: Path, spectrum_id: str) -> None:
 
 def adopt(local_state: Path, url: str) -> None:
     """Keep a state just stored at `url` in the cache (moved, not copied), so applying it needs no download."""
-
     entry = cache_root() / "states" / header_digest(read_header(local_state))
     entry.mkdir(parents=True, exist_ok=True)
     if spectrum_path(local_state).is_file():
@@ -110,5 +107,4 @@ def adopt(local_state: Path, url: str) -> None:
 def load_state(path: str | Path, with_spectrum: bool = True) -> EvaState:
     """Load a state from a path or a URL: a URL is downloaded once into the local cache, verified, and loaded from
     there; corrupt, foreign or inconsistent files raise StateError, so a state that loads is the one written."""
-
     return load_state_file(fetch(str(path), with_spectrum) if is_url(path) else path, with_spectrum)

@@ -184,7 +184,6 @@ def state_file(cfg: JobConfig) -> str:
 
 def state_dir(store: str | Path, cfg: JobConfig, key: str) -> Path | str:
     """The entry's folder: a Path in a local store, a URL string in one on object storage (remote.py)."""
-
     if not plain_name(cfg.task):  # also for configs built without validation: never a path out of the store
         raise ConfigError(f"`task` must be a plain name (no '/', '\\', '..' or leading '.'), got {cfg.task!r}")
     return join(store, cfg.task, model_slug(cfg.model.name_or_path), key)
@@ -192,7 +191,6 @@ def state_dir(store: str | Path, cfg: JobConfig, key: str) -> Path | str:
 
 def lock_path(store: str | Path, cfg: JobConfig, key: str) -> Path:
     """The lock of one store entry: in the store's hidden `.locks/` folder, so the entry holds only its files."""
-
     if is_url(store):  # a lock on this machine only: jobs elsewhere both compute and one wins (remote_store.py)
         from ..core.remote import cache_root
 
@@ -207,7 +205,6 @@ def lookup(path: Path | str, key: str) -> Path | str | None:
 
     Anything else found there is kept aside (renamed, never deleted) so the recomputed state cannot overwrite it.
     """
-
     if is_url(path):
         from .remote_store import lookup as remote_lookup
 
@@ -276,7 +273,6 @@ def list_states(directory: str | Path) -> list[StoreEntry]:
     Unreadable states are listed with their error; other safetensors files, hidden folders, checkpoints
     (`*.zarr`) and temporary files are skipped.
     """
-
     directory = location(directory)
     if isinstance(directory, str):
         from .remote_store import list_remote
@@ -312,7 +308,6 @@ def _sorted(entries: list[StoreEntry]) -> list[StoreEntry]:
 def remote_entry(cfg: JobConfig, key: str) -> str | None:
     """The store entry's URL when output.store is on object storage: the state is computed into a local work
     folder (checkpoints included), then published there (remote_store.py)."""
-
     if not (cfg.output.store and is_url(cfg.output.store)):
         return None
     return str(join(state_dir(cfg.output.store, cfg, key), state_file(cfg)))
