@@ -87,8 +87,10 @@ def old_tree(commit: str, work: Path) -> Path:
 
 def run(cfg: Path, pythonpath: Path) -> dict:
     env = os.environ | {"PYTHONPATH": str(pythonpath)}
+    # `python -m` puts the working folder first on sys.path: run from the tree measured, or the caller's checkout
+    # (the usual working folder) would shadow an older tree's evapipe
     proc = subprocess.run([sys.executable, bigmodel.__file__, "--measure", str(cfg)], capture_output=True, text=True,
-                          env=env)
+                          env=env, cwd=pythonpath)
     if proc.returncode != 0:
         return {"error": (proc.stdout + proc.stderr).strip()[-600:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

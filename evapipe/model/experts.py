@@ -139,27 +139,34 @@ def routing_args(args: tuple, kwargs: Mapping[str, Any]) -> tuple[torch.Tensor, 
     return hidden, index
 
 
-def intermediate(module: nn.Module, experts: Sequence[int], x: torch.Tensor) -> torch.Tensor:
-    """What the down projections of `experts` multiply for their rows `x` (experts x rows x hidden, zero-padded):
-    act(gate) * up (or act(up) when ungated), all experts in one batched product, computed as the transformers
-    experts kernels do (bias, transposed layout, the module's own gating)."""
+def intermediate(module: nn.Module, experts: Sequence[int], rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """What the down projections of `experts` multiply for their `rows`: act(gate) * up (or act(up) when ungated),
+    computed as the transformers experts kernels do (bias, transposed layout, the module's own gating).
+
+    One product per expert, on a view of the fused weight: the router feeds experts unevenly, and one batched
+    product over rows padded to the busiest expert did three times the work (and copied the weights of a subset)."""
     gated = getattr(module, "has_gate", hasattr(module, "gate_up_proj"))
     p_name = "gate_up_proj" if gated else "up_proj"
     w = getattr(module, p_name)
-    pick = torch.tensor(list(experts), device=w.device)
-    if len(experts) < w.shape[0]:  # a copy of the wanted experts' weights only when some are not wanted
-        w = w.index_select(0, pick)
-    h = torch.bmm(x.to(w.dtype), w if getattr(module, "is_transposed", False) else w.mT)
+    transposed = getattr(module, "is_transposed", False)
     bias = getattr(module, f"{p_name}_bias", None) if getattr(module, "has_bias", False) else None
-    if bias is not None:
-        h = h + bias.index_select(0, pick).unsqueeze(1)
-    if gated:
-        apply_gate = getattr(module, "_apply_gate", None)
-        if apply_gate is not None:
-            return apply_gate(h)
-        gate, up = h.chunk(2, dim=-1)
-        return module.act_fn(gate) * up
-    return module.act_fn(h)
+    out = []
+    for e, x in zip(experts, rows):
+        h = x.to(w.dtype) @ (w[e] if transposed else w[e].mT)
+        if bias is not None:
+            h = h + bias[e]
+        out.append(_activate(module, h, gated))
+    return out
+
+
+def _activate(module: nn.Module, h: torch.Tensor, gated: bool) -> torch.Tensor:
+    if not gated:
+        return module.act_fn(h)
+    apply_gate = getattr(module, "_apply_gate", None)
+    if apply_gate is not None:
+        return apply_gate(h)
+    gate, up = h.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
 
 
 def routed_inputs(
@@ -174,7 +181,7 @@ def routed_inputs(
     `params` maps a parameter name to the expert keys wanted of it (index = expert); `keep` is the flat index of the
     tokens that count (attention / label mask), None for all. Rows are in token order; an expert that no counted
     token reaches gets a (0, in_features) tensor. One stable sort of the (token, choice) pairs by expert groups
-    every expert's rows at once (views of one gathered tensor); the intermediates come from one batched product.
+    every expert's rows at once (views of one gathered tensor).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     index = top_k_index.reshape(hidden.shape[0], -1)
@@ -185,15 +192,14 @@ def routed_inputs(
     counts = torch.bincount(flat, minlength=module.num_experts).tolist()
     groups = hidden.index_select(0, order // index.shape[1]).split(counts)
     inner = sorted({split_key(k)[1] for p, keys in params.items() if p in INTERMEDIATE_PARAMETERS for k in keys})
-    acts = {}
+    acts: dict[int, torch.Tensor] = {}
     if inner:
-        padded = torch.nn.utils.rnn.pad_sequence([groups[e] for e in inner], batch_first=True)
-        acts = dict(zip(inner, intermediate(module, inner, padded).unbind()))
+        acts = dict(zip(inner, intermediate(module, inner, [groups[e] for e in inner])))
     out: dict[str, torch.Tensor] = {}
     for p_name, keys in params.items():
         for key in keys:
             e = split_key(key)[1]
-            out[key] = acts[e][:counts[e]] if p_name in INTERMEDIATE_PARAMETERS else groups[e]
+            out[key] = acts[e] if p_name in INTERMEDIATE_PARAMETERS else groups[e]
     return out
 
 

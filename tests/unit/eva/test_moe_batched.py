@@ -103,6 +103,44 @@ def test_non_finite_rows_are_refused_before_any_state_changes():
     assert not extra.fitted
 
 
+def test_runs_of_height_cover_every_layer_once_with_bounded_padding():
+    rows = [33, 127, 40, 1, 94, 60, 33, 41, 500, 2]
+    runs = ipca.runs_of_height(list(range(len(rows))), rows)
+    assert sorted(i for run in runs for i in run) == list(range(len(rows)))
+    for run in runs:
+        heights = [rows[i] for i in run]
+        assert heights == sorted(heights) and max(heights) <= ipca.GRAM_RUN * min(heights)
+    assert [rows[run[0]] for run in runs] == sorted(rows[run[0]] for run in runs)  # shortest first
+    assert ipca.runs_of_height([], rows) == []
+
+
+def test_uneven_experts_in_runs_equal_one_padded_update(monkeypatch):
+    """Runs of similar heights (the router feeds experts unevenly) give what one update padded to the busiest
+    expert gives: zero rows change no singular value or vector."""
+    batches = expert_batches(n_experts=12, n=16, steps=3)
+    runs = fit(batches, 4, oversample=4, together=True)
+    monkeypatch.setattr(ipca, "GRAM_RUN", float("inf"))
+    padded = fit(batches, 4, oversample=4, together=True)
+    for a, b in zip(runs, padded):
+        assert a.n_seen == b.n_seen
+        if b.fitted:
+            torch.testing.assert_close(a.singular_values, b.singular_values, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.components.abs(), b.components.abs(), rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_rows_in_several_runs_are_all_named():
+    batches = expert_batches(n_experts=6, n=16, steps=2)
+    states = fit(batches[:1], 4, oversample=4, together=True)
+    poisoned = [x.clone() for x in batches[1]]
+    short, tall = 1, 3  # 3 rows and 40: two different runs of the Gram update
+    assert [poisoned[e].shape[0] for e in (short, tall)] == [3, 40]
+    poisoned[short][0, 1] = float("nan")
+    poisoned[tall][5, 2] = float("-inf")
+    with pytest.raises(ipca.NonFiniteInputs) as err:
+        ipca.update_many(states, poisoned)
+    assert err.value.indices == sorted([short, tall])
+
+
 def tiny_gpt_oss(minilm_path: str):
     import transformers as tf
 
