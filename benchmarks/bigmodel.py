@@ -3,6 +3,7 @@
     python benchmarks/bigmodel.py                         # synthetic Llama, 8 x 2048 wide (about 2 GB float32)
     python benchmarks/bigmodel.py --layers 2 --hidden 512 --batches 4        # a quick look
     python benchmarks/bigmodel.py --json out.json
+    python benchmarks/bigmodel.py --modes none sequential --repeat 3      # medians of 3 interleaved runs
     python benchmarks/bigmodel.py --rho 1 --modes none sequential   # ranks cannot move: one round takes every step
     python benchmarks/bigmodel.py --arch gemma3 --modes none sequential   # Gemma-3-shaped: 5 sliding : 1 full layers
 
@@ -15,8 +16,8 @@ less sensitive than wall time to other work on a shared machine):
 
     none        the whole model in memory (today's behaviour)
     sequential  model.offload: sequential, model.sequential_round = all the batches (one block in memory at a time);
-                the steps each round took are printed: the replay ends a round early where a layer that had
-                stopped (its rank budgeted to 0) is needed again, and the next round runs the rest again
+                the steps each round took are printed: where a layer that had stopped (its rank budgeted to 0) is
+                needed again, its block runs again on its parked inputs and the round goes on
     device_map  model.offload: device_map, the first half of the blocks on the CPU, the rest (and the head) on disk
 
 A random model's activation spectra are nearly flat, so no layer passes the cosine test: every mode runs eva.max_batches batches
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per job (OMP_NUM_THREADS); 1 keeps CPU seconds free of spin-waiting "
                              "on a machine shared with other work")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every mode this many times, interleaved, and compare the median runs")
     parser.add_argument("--json", default=None)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,18 +147,22 @@ def main() -> None:
     print(f"model: {args.layers} x {args.hidden} {args.arch}, {size:.2f} GiB of safetensors in "
           f"{len(list(folder.glob('*.safetensors')))} shards; {args.batches} batches of {args.batch_size} x 128 tokens; "
           f"rho {args.rho:g}; {args.threads} thread(s)")
-    results = {}
-    for mode in args.modes:
-        cfg = work / f"{mode}.yaml"
-        cfg.write_text(yaml.safe_dump(job_config(model, mode, args, work)))
-        run = subprocess.run([sys.executable, __file__, "--measure", str(cfg)], capture_output=True, text=True)
-        if run.returncode != 0:
-            sys.exit(f"{mode} failed:\n{run.stderr[-3000:]}")
-        results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
-        r = results[mode]
-        rounds = f", rounds of {' + '.join(map(str, r['round_steps']))} steps" if r["round_steps"] else ""
-        print(f"{mode:>11}: {r['wall_s']:7.1f} s wall, {r['cpu_s']:7.1f} s CPU, peak RSS {r['peak_rss_mib']:7.0f} MiB"
-              f"{rounds}", flush=True)
+    runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+    for k in range(args.repeat):  # modes interleaved, so that a slow spell of the machine hits each alike
+        for mode in args.modes:
+            cfg = work / f"{mode}.yaml"
+            cfg.write_text(yaml.safe_dump(job_config(model, mode, args, work)))
+            run = subprocess.run([sys.executable, __file__, "--measure", str(cfg)], capture_output=True, text=True)
+            if run.returncode != 0:
+                sys.exit(f"{mode} failed:\n{run.stderr[-3000:]}")
+            r = json.loads(run.stdout.strip().splitlines()[-1])
+            runs[mode].append(r)
+            rounds = f", rounds of {' + '.join(map(str, r['round_steps']))} steps" if r["round_steps"] else ""
+            print(f"{mode:>11}: {r['wall_s']:7.1f} s wall, {r['cpu_s']:7.1f} s CPU, peak RSS {r['peak_rss_mib']:7.0f} "
+                  f"MiB{rounds}" + (f" (run {k + 1} of {args.repeat})" if args.repeat > 1 else ""), flush=True)
+    # each mode's median run by wall time (the others' walls kept beside it)
+    results = {mode: sorted(rs, key=lambda r: r["wall_s"])[len(rs) // 2] | {"walls": [r["wall_s"] for r in rs]}
+               for mode, rs in runs.items()}
     if "none" in results:
         base = results["none"]
         for mode in results:

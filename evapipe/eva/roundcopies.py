@@ -10,41 +10,24 @@ not a round of their copies. The small fields (counts, variance, singular values
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import dataclass, fields, replace
-from typing import IO
+from dataclasses import fields, replace
 
 import torch
 
-from ..core.errors import StorageError
+from ..core.spill import Parked, Spill
 from .ipca import PCAState
 
 HOST = torch.device("cpu")
 FILED = ("components", "mean")  # the per-feature tensors; the others (a few numbers per component) stay in memory
 
 
-@dataclass(frozen=True)
-class _Stored:
-    """Where one tensor of a copy lies in the file."""
-
-    offset: int
-    dtype: torch.dtype
-    shape: torch.Size
-
-
-def _bytes(t: torch.Tensor) -> memoryview:
-    """A host tensor's bytes, without another copy (any dtype: viewed as bytes before numpy sees it)."""
-    return memoryview(t.detach().to(HOST).contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
 class RoundCopies:
-    """Per PCA, its copies after each batch of a round, in the order kept; their FILED tensors wait in the file
-    (made at the first of them)."""
+    """Per PCA, its copy after each batch of a round (by the batch's place in the round); their FILED tensors wait
+    in the file. A later copy for the same batch replaces the earlier (a PCA fed those batches again)."""
 
     def __init__(self) -> None:
-        self._file: IO[bytes] | None = None
-        self._end = 0
-        self._kept: dict[str, list[tuple[PCAState, dict[str, _Stored]]]] = {}
+        self._spill = Spill("PCA copies")
+        self._kept: dict[str, dict[int, tuple[PCAState, dict[str, Parked]]]] = {}
 
     def __enter__(self) -> RoundCopies:
         return self
@@ -54,55 +37,28 @@ class RoundCopies:
 
     def close(self) -> None:
         """Drop the copies; the file (unlinked from the start) goes with them."""
-        if self._file is not None:
-            self._file.close()
-        self._file, self._kept = None, {}
+        self._spill.close()
+        self._kept = {}
 
-    def keep(self, name: str, state: PCAState) -> None:
-        """Append a copy of `state` that later updates of it cannot change."""
+    def keep(self, name: str, j: int, state: PCAState) -> None:
+        """Keep a copy of `state` after the round's batch j, which later updates of it cannot change."""
         small, stored = {}, {}
         for f in fields(state):
             if not f.init:
                 continue
             v = getattr(state, f.name)
             if isinstance(v, torch.Tensor) and f.name in FILED:
-                stored[f.name] = self._write(v)
+                stored[f.name] = self._spill.park(v)
                 small[f.name] = None
             elif isinstance(v, torch.Tensor):
                 small[f.name] = v.to(HOST, copy=True)
         light = replace(state, **small, history=list(state.history))
-        self._kept.setdefault(name, []).append((light, stored))
+        self._kept.setdefault(name, {})[j] = (light, stored)
 
     def get(self, name: str, j: int, device: torch.device) -> PCAState:
-        """`name`'s copy number j (after the round's j-th batch), every tensor on `device`."""
+        """`name`'s copy after the round's batch j, every tensor on `device`."""
         light, stored = self._kept[name][j]
         values = {f.name: getattr(light, f.name) for f in fields(light) if f.init}
         values = {k: v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
-        values |= {k: self._read(s).to(device) for k, s in stored.items()}
+        values |= {k: self._spill.read(s).to(device) for k, s in stored.items()}
         return replace(light, **(values | {"history": list(light.history)}))
-
-    def _write(self, t: torch.Tensor) -> _Stored:
-        try:
-            if self._file is None:
-                self._file = tempfile.TemporaryFile()
-            self._file.seek(self._end)
-            self._file.write(_bytes(t))
-        except OSError as err:
-            raise StorageError(
-                f"model.offload: sequential keeps a round's PCA copies in a temporary file, and writing it in "
-                f"{tempfile.gettempdir()} failed ({err}); point TMPDIR at a folder with room, or lower "
-                "model.sequential_round"
-            ) from None
-        stored = _Stored(self._end, t.dtype, t.shape)
-        self._end += t.numel() * t.element_size()
-        return stored
-
-    def _read(self, s: _Stored) -> torch.Tensor:
-        out = torch.empty(s.shape, dtype=s.dtype)
-        assert self._file is not None
-        self._file.seek(s.offset)
-        want = out.numel() * out.element_size()
-        got = self._file.readinto(_bytes(out)) if want else 0
-        if got != want:
-            raise StorageError(f"the round's temporary file of PCA copies returned {got} of {want} bytes")
-        return out

@@ -188,6 +188,11 @@ class ModelTokens:
         """The next passes keep these layers' inputs and run to their end (no layer stops them)."""
         self.capture.only(names)
 
+    def capture_then_stop(self, names: Iterable[str]) -> None:
+        """The next passes keep these layers' inputs and stop after the last of them (in execution order): for a
+        pass whose output nothing needs, such as a block run again for some of its layers only."""
+        self.capture.plan(StepPlan(frozenset(names), frozenset()))
+
     def follow(self, layout: Layout) -> None:
         """Use the agreed layout (rank 0's) for planning passes; every target must have had an input."""
         seen = {n for g in layout.groups for n in g}

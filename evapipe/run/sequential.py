@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,12 +38,13 @@ import torch
 from ..core.config import EvaSettings
 from ..core.distributed import Comm, collectively
 from ..core.errors import ConfigError
+from ..core.spill import Parked, Spill
 from ..eva.guards import check_layer_inputs
 from ..eva.planning import fed_at
 from ..eva.roundcopies import RoundCopies
 from ..model.forward import Selection, UserHooks, to_device
 from ..model.layout import Layout
-from ..model.onload import BlockCalls, BlockModel
+from ..model.onload import BlockCalls, BlockInputs, BlockModel
 from .driver import Driver, Read
 
 HOST = torch.device("cpu")
@@ -62,6 +63,15 @@ class RoundLedger:
         self.fed = set(fed)
         self.stopped = set(owners) - self.fed
 
+    def returning(self, needed: AbstractSet[str]) -> set[str]:
+        """What a step needs that an earlier step of the round left out (or the round never fed)."""
+        return set(needed) & self.stopped
+
+    def resume(self, back: AbstractSet[str]) -> None:
+        """`back` was fed again from this step to the round's end (its blocks re-run on their kept inputs)."""
+        self.stopped -= back
+        self.fed |= back
+
     def admit(self, needed: AbstractSet[str]) -> bool:
         """True (and the ledger moves on) if the round can take this step; False: the round ends before it."""
         if needed & self.stopped:
@@ -73,25 +83,41 @@ class RoundLedger:
 
 @dataclass
 class _InFlight:
-    """One batch of a round between blocks: its next block call (on the host) and how its tokens are selected."""
+    """One batch of a round between blocks: its next block call (on the host; None once its pass stopped), how its
+    tokens are selected, and every block's other arguments (kept for blocks run again)."""
 
     calls: BlockCalls | None
     selection: Selection | None
+    each: list[tuple[tuple, dict[str, Any]]] = field(default_factory=list)
+
+
+@dataclass
+class _Round:
+    """What a round's replay works with: its batches, their counts and PCA copies, and (`inputs` set: when a layer
+    may come back) each block's input of each batch, parked by (block, batch) in a temporary file."""
+
+    flights: list[_InFlight]
+    counts: RoundCounts
+    copies: RoundCopies
+    start: int
+    deepest: int
+    inputs: Spill | None
+    parked: dict[tuple[int, int], Parked] = field(default_factory=dict)
 
 
 class RoundCounts:
     """The tokens each batch of a round counted, as the in-memory step would count them: rows of the first fed
     layer that is not an expert, else the tokens the experts modules saw (experts get only their routed share)."""
 
-    def __init__(self, fed: Sequence[str], n: int, experts: AbstractSet[str]):
-        self.rows: dict[str, list[int]] = {o: [] for o in fed}
+    def __init__(self, n: int, experts: AbstractSet[str]):
+        self.rows: dict[str, dict[int, int]] = {}
         self.expert_tokens = [0] * n
         self.experts = experts
 
     def add(self, owners: Sequence[str], tokens: Mapping[str, torch.Tensor], j: int, expert_tokens: int) -> None:
         """Batch j's rows for `owners` (one block's fed PCAs); `expert_tokens`: what its experts modules counted."""
         for o in owners:
-            self.rows[o].append(int(tokens[o].shape[0]) if o in tokens else 0)
+            self.rows.setdefault(o, {})[j] = int(tokens[o].shape[0]) if o in tokens else 0
         if tokens and any(o in self.experts for o in owners):
             self.expert_tokens[j] = expert_tokens
 
@@ -104,8 +130,10 @@ class RoundCounts:
 
 
 def first_rows(batch: Any) -> Any:
-    """The first sample of a batch (every tensor that shares the batch's leading size, sliced), for the layout
-    pass: which layers share an input and the order they run in show on one sample as on all."""
+    """The first sample of a batch (every tensor that shares the batch's leading size, sliced) without its padding
+    (the columns its 2-D attention mask leaves out at either end, cut from the tensors of the mask's shape), for the
+    layout pass: which layers share an input
+    and the order they run in show on one sample's tokens as on all, at a fraction of a batch's cost."""
     tensors = [batch] if isinstance(batch, torch.Tensor) else list(batch.values()) if isinstance(batch, Mapping) else []
     tensors = [t for t in tensors if isinstance(t, torch.Tensor) and t.ndim > 0]
     if not tensors:
@@ -113,7 +141,15 @@ def first_rows(batch: Any) -> Any:
     n = tensors[0].shape[0]
     if isinstance(batch, torch.Tensor):
         return batch[:1]
-    return {k: v[:1] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v for k, v in batch.items()}
+    one = {k: v[:1] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v for k, v in batch.items()}
+    mask = one.get("attention_mask")
+    kept = mask[0].nonzero().flatten() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+    if kept is None or not len(kept):
+        return one
+    lo, hi, shape = int(kept[0]), int(kept[-1]) + 1, mask.shape
+    if any(isinstance(v, torch.Tensor) and v.ndim > 2 and v.shape[:2] == shape for v in one.values()):
+        return one  # (1, length, ...): embeddings by position, or a coincidence of sizes; left whole
+    return {k: v[:, lo:hi] if isinstance(v, torch.Tensor) and v.shape == shape else v for k, v in one.items()}
 
 
 class SequentialRun(Driver):
@@ -150,7 +186,8 @@ class SequentialRun(Driver):
         calls: list[BlockCalls] = []
         src.capture_pass(lambda: calls.append(self.blocks.block_calls(lambda: src.hooks.forward(src.model, batch))),
                          selection)
-        return _InFlight(calls[0].to(HOST), selection)
+        host = calls[0].to(HOST)
+        return _InFlight(host, selection, host.calls)
 
     def _through(self, i: int, block: torch.nn.Module, item: _InFlight, first: bool = False) -> dict[str, torch.Tensor]:
         """One batch through block i, called as the model calls it: its active layers' tokens; the batch moves on
@@ -165,6 +202,17 @@ class SequentialRun(Driver):
             item.calls.hidden = out[0].to(HOST)
         else:
             item.calls = None
+        return tokens
+
+    def _again(self, i: int, block: torch.nn.Module, rnd: _Round, j: int) -> dict[str, torch.Tensor]:
+        """Batch j through block i once more, from the block's parked input: the tokens of the layers captured."""
+        item, parked = rnd.flights[j], rnd.parked.get((i, j))
+        if parked is None or rnd.inputs is None:
+            return {}
+        args, kwargs = item.each[i]
+        call = BlockInputs(rnd.inputs.read(parked), args, kwargs).to(self.blocks.device)
+        tokens = self.source.capture_pass(lambda: self.blocks.call(block, call), item.selection)
+        check_layer_inputs(tokens, self.core.width)
         return tokens
 
     def _layout(self, item: _InFlight) -> Layout:
@@ -184,15 +232,16 @@ class SequentialRun(Driver):
             raise ConfigError("the first batch reached none of the target layers; check eva.target_modules")
         return Layout.of(groups, order)
 
-    def _feed(self, owners: Sequence[str], tokens: dict[str, torch.Tensor], copies: RoundCopies, step: int) -> None:
-        """Route one batch's (step `step`) tokens of `owners` to their owner ranks, update, and keep a copy of each
-        PCA."""
+    def _feed(self, owners: Sequence[str], tokens: dict[str, torch.Tensor], rnd: _Round, j: int) -> None:
+        """Route the tokens of `owners` from the round's batch j to their owner ranks, update, and keep a copy of
+        each PCA."""
         pool = self.pool
+        rnd.counts.add(owners, tokens, j, self.core.experts.tokens)
         routed = pool.route(tokens, list(owners))
         with collectively(self.comm):  # a failed update or copy (a full temporary folder) stops every rank
-            pool.update(routed, step)
+            pool.update(routed, rnd.start + j)
             for o, state in self.core.states(list(owners)).items():
-                copies.keep(o, state)
+                rnd.copies.keep(o, j, state)
 
     def _start(self, batches: list[Read]) -> list[_InFlight]:
         """Every batch of the round up to the first block; on the first round, rank 0's layout adopted."""
@@ -216,43 +265,74 @@ class SequentialRun(Driver):
         owners = self.progress.layout.owners
         needed = self._fed()
         fed = [o for o in owners if o in needed]
-        counts = RoundCounts(fed, len(flights), set(self.core.share))
-        start, deepest = self.progress.step, max(self.block_of[o] for o in fed)
-        with RoundCopies() as copies:
+        deepest = max(self.block_of[o] for o in fed)
+        with RoundCopies() as copies, Spill("block inputs") as inputs:
+            rnd = _Round(flights, RoundCounts(len(flights), set(self.core.share)), copies, self.progress.step,
+                         deepest, inputs if self.may_come_back else None)
             for i in range(deepest + 1):
                 here = [o for o in fed if self.block_of[o] == i]
                 self.source.capture_only(here)
                 with self.blocks.onloaded(i) as block:
                     for j, item in enumerate(flights):
+                        if rnd.inputs is not None and item.calls is not None:
+                            rnd.parked[i, j] = rnd.inputs.park(item.calls.hidden)
                         tokens = {}
                         with collectively(self.comm):
                             tokens = self._through(i, block, item)
                         if here:
-                            counts.add(here, tokens, j, self.core.experts.tokens)
-                            self._feed(here, tokens, copies, start + j)
-            taken = self._replay(owners, fed, counts, copies, after_step)
+                            self._feed(here, tokens, rnd, j)
+            taken = self._replay(owners, fed, rnd, after_step)
         early = taken < len(flights) and not self.done and self.progress.step != self.settings.max_batches
-        log.info("sequential round at step %d: %d batch(es) through blocks 0-%d, %d step(s) taken%s", start,
+        log.info("sequential round at step %d: %d batch(es) through blocks 0-%d, %d step(s) taken%s", rnd.start,
                  len(flights), deepest, taken, " (a layer that had stopped is needed again: the next round starts "
                  "there)" if early else "")
         return taken
+
+    @property
+    def may_come_back(self) -> bool:
+        """Whether a layer the round stops feeding can be needed again later in it: when ranks move (rho > 1) or
+        converged layers are refined. Only then are the blocks' inputs parked, to feed such a layer again."""
+        return self.settings.rho > 1 or self.settings.refine_converged
+
+    def _refeed(self, back: AbstractSet[str], rnd: _Round, j: int) -> bool:
+        """Feed the PCAs that come back at step j (a converged layer whose rank grew) the round's batches j.. from
+        their blocks' parked inputs: each from the state it stopped at, as the in-memory loop feeds it from step j
+        on. Only their blocks run again. False (the round then ends before step j) when no inputs were parked or
+        a block lies past the round's deepest one."""
+        blocks = sorted({self.block_of[o] for o in back})
+        if rnd.inputs is None or blocks[-1] > rnd.deepest:
+            return False
+        for i in blocks:
+            here = [o for o in self.progress.layout.owners if o in back and self.block_of[o] == i]
+            self.source.capture_then_stop(here)
+            with self.blocks.onloaded(i) as block:
+                for jj in range(j, len(rnd.flights)):
+                    tokens = {}
+                    with collectively(self.comm):
+                        tokens = self._again(i, block, rnd, jj)
+                    self._feed(here, tokens, rnd, jj)
+        log.info("sequential round at step %d: %d layer(s) needed again at its step %d, block(s) %s run again on "
+                 "batches %d-%d", rnd.start, len(back), j, ", ".join(map(str, blocks)), j, len(rnd.flights) - 1)
+        return True
 
     def _fed(self) -> set[str]:
         """What the in-memory loop feeds at the next step (every PCA at the first: none is done yet)."""
         p = self.progress
         return fed_at(p.layout.order, p.verdict, self.settings.refine_converged)
 
-    def _replay(self, owners: list[str], fed: list[str], counts: RoundCounts, copies: RoundCopies,
-                after_step: Callable[[], bool]) -> int:
+    def _replay(self, owners: list[str], fed: list[str], rnd: _Round, after_step: Callable[[], bool]) -> int:
         """The in-memory loop's decisions over the round's batches; each PCA set back to its copy after the last
         batch it would have been fed."""
-        ledger, core, n = RoundLedger(set(fed), owners), self.core, len(counts.expert_tokens)
+        ledger, core, n = RoundLedger(set(fed), owners), self.core, len(rnd.flights)
         for j in range(n):
             needed = set(fed) if j == 0 else self._fed()
+            back = ledger.returning(needed)
+            if back and self._refeed(back, rnd, j):
+                ledger.resume(back)
             if not ledger.admit(needed):
                 return j
-            core.set_back({o: copies.get(o, j, self.blocks.device) for o in core.states(sorted(needed))})
-            core.agree(counts.local(j, needed, owners))
+            core.set_back({o: rnd.copies.get(o, j, self.blocks.device) for o in core.states(sorted(needed))})
+            core.agree(rnd.counts.local(j, needed, owners))
             if after_step():
                 return j + 1
         return n

@@ -39,6 +39,14 @@ def test_ledger_ends_a_round_before_a_step_that_needs_an_unfed_pca():
     assert ledger.admit({"a", "b"}) and ledger.admit(set()) and not ledger.admit({"a"})
 
 
+def test_ledger_takes_back_a_pca_fed_again_from_its_step():
+    ledger = RoundLedger({"a", "b"}, ["a", "b", "d"])
+    assert ledger.admit({"a", "b"}) and ledger.admit({"a"})
+    assert ledger.returning({"a", "b", "d"}) == {"b", "d"}  # b left out a step ago, d never fed this round
+    ledger.resume({"b", "d"})  # the driver fed them the round's remaining batches
+    assert ledger.returning({"a", "b", "d"}) == set() and ledger.admit({"a", "b", "d"})
+
+
 def test_layout_pass_takes_the_first_sample_of_any_batch():
     batch = {"input_ids": torch.arange(12).reshape(3, 4), "attention_mask": torch.ones(3, 4), "scale": torch.tensor(2.0),
              "meta": "x"}
@@ -46,6 +54,13 @@ def test_layout_pass_takes_the_first_sample_of_any_batch():
     assert torch.equal(first["input_ids"], torch.arange(4).reshape(1, 4)) and first["attention_mask"].shape == (1, 4)
     assert first["scale"] is batch["scale"] and first["meta"] == "x"
     assert first_rows(torch.ones(5, 2)).shape == (1, 2) and first_rows(["a"]) == ["a"]
+    padded = {"input_ids": torch.arange(18).reshape(3, 6), "labels": torch.arange(18).reshape(3, 6),
+              "attention_mask": torch.tensor([[0, 1, 1, 1, 0, 0], [1] * 6, [1] * 6]), "pixel_values": torch.ones(3, 2, 6)}
+    first = first_rows(padded)  # the first sample's padding cut at both ends, in every tensor of the mask's shape
+    assert first["input_ids"].tolist() == [[1, 2, 3]] and first["labels"].tolist() == [[1, 2, 3]]
+    assert first["attention_mask"].tolist() == [[1, 1, 1]] and first["pixel_values"].shape == (1, 2, 6)
+    embeds = first_rows({**padded, "inputs_embeds": torch.ones(3, 6, 4)})  # (batch, length, ...): nothing cut
+    assert embeds["input_ids"].shape == (1, 6) and embeds["inputs_embeds"].shape == (1, 6, 4)
 
 
 # -- equality with the in-memory state ----------------------------------------------------------------------------
@@ -65,23 +80,30 @@ def _raw(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-@pytest.mark.parametrize("tau, rho, round_ends", [(0.9, 2.0, False), (0.99, 4.0, True)])
-def test_convergence_inside_a_round_and_round_ends_keep_the_in_memory_state(tau, rho, round_ends, tmp_path, tiny_llama_dir,
-                                                                              monkeypatch):
-    """Layers converge at different batches of a round (and, at some tau, a converged PCA is needed again, ending
-    the round early); every one stops where it stopped in memory."""
+@pytest.mark.parametrize("tau, rho, comes_back, parked", [(0.9, 2.0, False, True), (0.99, 4.0, True, True),
+                                                          (0.99, 4.0, True, False)])
+def test_convergence_inside_a_round_and_layers_coming_back_keep_the_in_memory_state(tau, rho, comes_back, parked,
+                                                                                   tmp_path, tiny_llama_dir,
+                                                                                   monkeypatch):
+    """Layers converge at different batches of a round and, at some tau, a converged PCA is needed again (its rank
+    grew): its block runs again on the parked inputs and the round goes on, or, with nothing parked, the round ends
+    early. Either way every PCA stops where it stopped in memory."""
     from evapipe.run import sequential
 
-    ends = []
-    admit = sequential.RoundLedger.admit
+    ends, backs = [], []
+    admit, resume = sequential.RoundLedger.admit, sequential.RoundLedger.resume
     monkeypatch.setattr(sequential.RoundLedger, "admit", lambda self, needed: ends.append(admit(self, needed)) or ends[-1])
+    monkeypatch.setattr(sequential.RoundLedger, "resume", lambda self, back: backs.append(set(back)) or resume(self, back))
+    if not parked:
+        monkeypatch.setattr(sequential.SequentialRun, "may_come_back", property(lambda self: False))
 
     reference, seq = in_memory_and_sequential(tiny_llama_dir, tmp_path, tau=tau, rho=rho)
     assert_same_state(reference.state, seq.state, exact=True)
     updates = seq.rank_stats[0].updates
     assert updates == reference.rank_stats[0].updates  # every PCA stopped at the batch where it stopped in memory
     assert len(set(updates.values())) > 1
-    assert (False in ends) == round_ends  # a round ended early when a converged PCA was needed again
+    assert bool(backs) == (comes_back and parked)  # a converged PCA fed again within the round
+    assert (False in ends) == (comes_back and not parked)  # else the round ended early
 
 
 def in_memory_and_sequential(llama_dir: str, tmp_path, **eva) -> tuple:
