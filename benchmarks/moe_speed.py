@@ -126,7 +126,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     work = Path(tempfile.mkdtemp(prefix="evapipe-moe-speed-"))
     folder = Path(args.model_dir or work / "model")
-    model = (bigmodel.synthetic_llama(folder, args.hidden, args.layers) if args.dense
+    model = (bigmodel.synthetic_model(folder, args.hidden, args.layers) if args.dense
              else synthetic_gpt_oss(folder, args.hidden, args.layers, args.experts))
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30
     print(f"model: {'Llama' if args.dense else f'gpt-oss, {args.experts} experts'}, {args.layers} x {args.hidden}, "

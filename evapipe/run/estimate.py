@@ -35,7 +35,7 @@ class ModeEstimate:
     pca: int  # this process's share of the incremental PCAs
     host: int  # host memory beyond the process itself: hidden states of a round, CPU-placed weights
     spectrum: int  # rank 0, at the end: every PCA's kept components
-    disk: int = 0  # temporary files: sequential's per-batch PCA copies of a round (in TMPDIR)
+    disk: int = 0  # temporary files (TMPDIR): sequential's per-batch PCA copies of a round, its parked block inputs
 
     @property
     def device(self) -> int:
@@ -95,10 +95,12 @@ def estimate(cfg: JobConfig, world: int = 1) -> JobEstimate:
         default=0,
     )
     round_size = m.sequential_round
+    # with rho > 1 or refining, a round parks every block's input of every batch (a layer may be fed again)
+    parked = round_size * len(blocks) * tokens * hidden * itemsize if e.rho > 1 or e.refine_converged else 0
     modes = [
         ModeEstimate("none", total, working + captured_all, pca_share, 0, spectrum),
         ModeEstimate("sequential", max(total - in_blocks - head_bytes, one_block), working + per_block, pca_share,
-                     round_size * tokens * hidden * itemsize, spectrum, round_size * pca_share),
+                     round_size * tokens * hidden * itemsize, spectrum, round_size * pca_share + parked),
         ModeEstimate("device_map", block[1], working + captured_all, pca_share, max(total - block[1], 0), spectrum),
     ]
     return JobEstimate(total, block, tokens, len(targets), world, modes)
@@ -166,5 +168,5 @@ def report(est: JobEstimate, device: str, memory: int) -> str:
         )
     lines += ["", "device_map counts one block on the device (the least it needs; more is faster); its other weights "
               "sit in CPU memory or on disk. sequential's host extra is a round of hidden states; its PCA copies after each "
-              "batch of the round wait in a temporary file (TMPDIR)."]
+              "batch of the round (and, at rho > 1, every block's input of every batch) wait in a temporary file (TMPDIR)."]
     return "\n".join(lines)

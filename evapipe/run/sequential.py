@@ -9,20 +9,25 @@ the checkpoint once per round:
                host memory (onload.BlockModel.block_calls)
     blocks     for each block up to the deepest one an unconverged PCA sits in: materialise it, push every
                batch through it, feed the captured tokens of its unconverged PCAs to their owners (in batch
-               order, as the in-memory loop does), keep a copy of each PCA after each batch, release the block
+               order, as the in-memory loop does), keep a copy of each PCA after each batch, release the block;
+               when a layer may come back (rho > 1, refine_converged), park each block's input of each batch
     replay     the decisions of the in-memory loop, step by step: agree on the ratios and similarities each
                PCA had after that batch, redistribute ranks, judge convergence. A PCA that converged at batch t
                is set back to its copy after batch t: it stops updating at the batch where it converged, exactly
                as in memory, however long the round.
 
-The blocks fed every PCA that was unconverged when the round began, for every batch of the round. The replay stays
-exact while the PCAs each step needs are among those still fed; when a step needs one that was not (a converged
-PCA whose rank grew, so that its new components have not passed the cosine test), the round ends before that
-step and the next round starts at its batch. So the state equals the in-memory state on the same batches; what a
-round costs beyond that is the updates of PCAs after the batch where they converged (discarded).
+The blocks fed every PCA that was unconverged when the round began, for every batch of the round. A step may need
+a PCA the round stopped feeding (a converged layer whose rank grew, so that its new components have not passed the
+cosine test): that PCA still holds its state from where it stopped, so its block runs again on the parked inputs
+of the remaining batches (cut after the layer: nothing needs the block's output), and the round goes on. Only
+where nothing was parked (rho 1 without refining: ranks stay put, so a converged layer is rarely needed again) or
+the block lies past the round's deepest one does the round end before that step, the next one starting at its
+batch. So the state equals the in-memory state on the same batches; what a round costs beyond that is the updates
+of PCAs after the batch where they converged (discarded) and the blocks run again.
 
-The shared-input groups and execution order come from one extra pass of the first batch's first sample through
-the blocks (rank 0, as in memory), before the first round, so that PCA owners are assigned over all groups at once.
+The shared-input groups and execution order come from one extra pass of the first batch's first sample (its real
+tokens) through the blocks (rank 0, as in memory), before the first round, so that PCA owners are assigned over
+all groups at once.
 """
 
 from __future__ import annotations

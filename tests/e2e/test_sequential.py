@@ -152,6 +152,23 @@ def test_two_processes_give_the_one_process_in_memory_state(tmp_path, tiny_model
     assert_same_state(one, state, exact=False)
 
 
+def test_two_processes_feed_a_layer_that_comes_back_mid_round(tmp_path, tiny_llama_dir):
+    """The rho = 4, tau = 0.99 job of the round test on two processes: layers come back mid-round, every rank runs
+    their blocks again on its own parked inputs, and the state is the one-process in-memory state."""
+    cfg = write_config(tmp_path / "job.yaml", **tiny_job(
+        tiny_llama_dir, model={"name_or_path": tiny_llama_dir, "offload": "sequential", "sequential_round": 5},
+        data={"batch_size": 2},  # per process: the round test's steps of 4 rows
+        eva={"max_batches": 12, "target_modules": "all-linear", "tau": 0.99, "rho": 4.0},
+        output={"path": str(tmp_path / "two.safetensors")}))
+    batch = load_config(cfg).data.batch_size
+    one = run_job(load_config(cfg, [f"output.path={tmp_path / 'one.safetensors'}", f"data.batch_size={2 * batch}",
+                                    "model.offload=none"]), show_progress=False).state
+    two = torchrun(*compute(cfg))
+    assert two.returncode == 0, two.stdout[-3000:]
+    assert "needed again" in two.stdout + two.stderr and "the next round starts there" not in two.stdout + two.stderr
+    assert_same_state(one, load_state(tmp_path / "two.safetensors"), exact=False)
+
+
 def one_and_two_processes(tmp_path, job: dict) -> tuple:
     """(the in-memory state of one process at twice the batch size, the state of `job` on two processes)."""
     cfg = write_config(tmp_path / "job.yaml", **job)

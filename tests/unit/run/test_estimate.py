@@ -40,11 +40,16 @@ def test_weights_and_pca_state_match_the_real_model_and_run(tiny_llama_dir):
     real = sum(t.numel() * t.element_size() for s in run.pool.states.values()
                for t in (s.components, s.singular_values, s.mean, s.var) if t is not None)
     assert est["none"].pca == real
-    # a round's hidden states in host memory, its PCA copies (one per batch) in a temporary file
+    # a round's hidden states in host memory; its PCA copies (one per batch) and, at rho > 1, every block's input
+    # of every batch in a temporary file
     cfg = _cfg(tiny_llama_dir)
     hidden = model.config.hidden_size * cfg.data.batch_size * cfg.data.max_length * 4
+    assert cfg.eva.rho > 1
     assert est["sequential"].host == cfg.model.sequential_round * hidden
-    assert est["sequential"].disk == cfg.model.sequential_round * real and est["none"].disk == 0
+    parked = cfg.model.sequential_round * len(layers) * hidden
+    assert est["sequential"].disk == cfg.model.sequential_round * real + parked and est["none"].disk == 0
+    at_rho_1 = {m.mode: m for m in estimate(_cfg(tiny_llama_dir, rho=1.0)).modes}["sequential"]
+    assert at_rho_1.disk == cfg.model.sequential_round * at_rho_1.pca  # no layer comes back: nothing parked
 
 
 def test_cli_says_which_modes_fit(tmp_path, tiny_llama_dir):
