@@ -17,13 +17,14 @@ the checkpoint once per round:
                as in memory, however long the round.
 
 The blocks fed every PCA that was unconverged when the round began, for every batch of the round. A step may need
-a PCA the round stopped feeding (a converged layer whose rank grew, so that its new components have not passed the
-cosine test): that PCA still holds its state from where it stopped, so its block runs again on the parked inputs
-of the remaining batches (cut after the layer: nothing needs the block's output), and the round goes on. Only
-where nothing was parked (rho 1 without refining: ranks stay put, so a converged layer is rarely needed again) or
-the block lies past the round's deepest one does the round end before that step, the next one starting at its
-batch. So the state equals the in-memory state on the same batches; what a round costs beyond that is the updates
-of PCAs after the batch where they converged (discarded) and the blocks run again.
+a PCA the blocks' pass stopped feeding correctly (a converged layer whose rank grew, so that its new components
+have not passed the cosine test; or one left out at an earlier step and back since): that PCA still holds its state
+from the last batch it was fed, so the step runs its block once more on that batch's parked input (cut after the
+layer: nothing needs the block's output) and feeds it, and the round goes on. Only where nothing was parked (rho 1
+without refining: ranks stay put, so a converged layer is rarely needed again) or the block lies past the round's
+deepest one does the round end before that step, the next one starting at its batch. So the state equals the
+in-memory state on the same batches; what a round costs beyond that is the updates of PCAs after the batch where
+they converged (discarded) and those block passes of one batch.
 
 The shared-input groups and execution order come from one extra pass of the first batch's first sample (its real
 tokens) through the blocks (rank 0, as in memory), before the first round, so that PCA owners are assigned over
@@ -57,33 +58,26 @@ log = logging.getLogger("evapipe")
 
 
 class RoundLedger:
-    """Which PCAs a round still feeds; says whether an agreed step's needs stay inside what the blocks computed.
+    """Which PCAs the blocks' pass still feeds correctly, step by step.
 
-    Every PCA the round began with unconverged was fed every batch. A step may need only PCAs that were fed at
-    every step of the round so far: once a PCA is left out of a step, its later copies include updates the
-    in-memory loop would not have made.
+    Every PCA the round began with unconverged was fed every batch by the blocks' pass, and its copies hold what
+    the in-memory loop computes for as long as it is needed at every step. Once a step leaves a PCA out, its later
+    copies include updates the in-memory loop would not have made: from then on (and for a PCA the round never
+    fed) a step that needs it must feed it that step's batch itself.
     """
 
     def __init__(self, fed: AbstractSet[str], owners: Sequence[str]):
         self.fed = set(fed)
         self.stopped = set(owners) - self.fed
 
-    def returning(self, needed: AbstractSet[str]) -> set[str]:
-        """What a step needs that an earlier step of the round left out (or the round never fed)."""
+    def off_pass(self, needed: AbstractSet[str]) -> set[str]:
+        """What a step needs that the blocks' pass did not feed correctly up to it."""
         return set(needed) & self.stopped
 
-    def resume(self, back: AbstractSet[str]) -> None:
-        """`back` was fed again from this step to the round's end (its blocks re-run on their kept inputs)."""
-        self.stopped -= back
-        self.fed |= back
-
-    def admit(self, needed: AbstractSet[str]) -> bool:
-        """True (and the ledger moves on) if the round can take this step; False: the round ends before it."""
-        if needed & self.stopped:
-            return False
+    def take(self, needed: AbstractSet[str]) -> None:
+        """The step is taken: what it left out drops out of the pass's care."""
         self.stopped |= self.fed - needed
         self.fed &= set(needed)
-        return True
 
 
 @dataclass
@@ -108,6 +102,7 @@ class _Round:
     deepest: int
     inputs: Spill | None
     parked: dict[tuple[int, int], Parked] = field(default_factory=dict)
+    again: int = 0  # blocks run again, one batch each, for layers off the blocks' pass
 
 
 class RoundCounts:
@@ -288,9 +283,11 @@ class SequentialRun(Driver):
                             self._feed(here, tokens, rnd, j)
             taken = self._replay(owners, fed, rnd, after_step)
         early = taken < len(flights) and not self.done and self.progress.step != self.settings.max_batches
-        log.info("sequential round at step %d: %d batch(es) through blocks 0-%d, %d step(s) taken%s", rnd.start,
-                 len(flights), deepest, taken, " (a layer that had stopped is needed again: the next round starts "
-                 "there)" if early else "")
+        log.info("sequential round at step %d: %d batch(es) through blocks 0-%d, %d step(s) taken%s%s", rnd.start,
+                 len(flights), deepest, taken,
+                 f"; {rnd.again} block pass(es) of one batch again for layers needed after they had stopped"
+                 if rnd.again else "",
+                 " (a layer that had stopped is needed again: the next round starts there)" if early else "")
         return taken
 
     @property
@@ -299,25 +296,23 @@ class SequentialRun(Driver):
         converged layers are refined. Only then are the blocks' inputs parked, to feed such a layer again."""
         return self.settings.rho > 1 or self.settings.refine_converged
 
-    def _refeed(self, back: AbstractSet[str], rnd: _Round, j: int) -> bool:
-        """Feed the PCAs that come back at step j (a converged layer whose rank grew) the round's batches j.. from
-        their blocks' parked inputs: each from the state it stopped at, as the in-memory loop feeds it from step j
-        on. Only their blocks run again. False (the round then ends before step j) when no inputs were parked or
-        a block lies past the round's deepest one."""
-        blocks = sorted({self.block_of[o] for o in back})
+    def _refeed(self, again: AbstractSet[str], rnd: _Round, j: int) -> bool:
+        """Feed the PCAs a step needs off the blocks' pass (a converged layer whose rank grew, and any that came
+        back before) the round's batch j, from their blocks' parked inputs, each block cut after its last such
+        layer: each PCA goes on from where it stopped, as in memory. False (the round then ends before step j)
+        when no inputs were parked or a block lies past the round's deepest one."""
+        blocks = sorted({self.block_of[o] for o in again})
         if rnd.inputs is None or blocks[-1] > rnd.deepest:
             return False
         for i in blocks:
-            here = [o for o in self.progress.layout.owners if o in back and self.block_of[o] == i]
+            here = [o for o in self.progress.layout.owners if o in again and self.block_of[o] == i]
             self.source.capture_then_stop(here)
             with self.blocks.onloaded(i) as block:
-                for jj in range(j, len(rnd.flights)):
-                    tokens = {}
-                    with collectively(self.comm):
-                        tokens = self._again(i, block, rnd, jj)
-                    self._feed(here, tokens, rnd, jj)
-        log.info("sequential round at step %d: %d layer(s) needed again at its step %d, block(s) %s run again on "
-                 "batches %d-%d", rnd.start, len(back), j, ", ".join(map(str, blocks)), j, len(rnd.flights) - 1)
+                tokens = {}
+                with collectively(self.comm):
+                    tokens = self._again(i, block, rnd, j)
+                self._feed(here, tokens, rnd, j)
+        rnd.again += len(blocks)
         return True
 
     def _fed(self) -> set[str]:
@@ -331,11 +326,10 @@ class SequentialRun(Driver):
         ledger, core, n = RoundLedger(set(fed), owners), self.core, len(rnd.flights)
         for j in range(n):
             needed = set(fed) if j == 0 else self._fed()
-            back = ledger.returning(needed)
-            if back and self._refeed(back, rnd, j):
-                ledger.resume(back)
-            if not ledger.admit(needed):
+            again = ledger.off_pass(needed)
+            if again and not self._refeed(again, rnd, j):
                 return j
+            ledger.take(needed)
             core.set_back({o: rnd.copies.get(o, j, self.blocks.device) for o in core.states(sorted(needed))})
             core.agree(rnd.counts.local(j, needed, owners))
             if after_step():

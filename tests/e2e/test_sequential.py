@@ -28,23 +28,15 @@ def assert_same_state(a, b, exact: bool) -> None:
 
 
 # -- the round ledger (pure) -----------------------------------------------------------------------------------
-def test_ledger_ends_a_round_before_a_step_that_needs_an_unfed_pca():
+def test_ledger_says_which_pcas_a_step_must_feed_off_the_blocks_pass():
     ledger = RoundLedger({"a", "b", "c"}, ["a", "b", "c", "d"])
-    assert ledger.admit({"a", "b", "c"})
-    assert ledger.admit({"a", "c"})  # b converged: set back to its copy, no longer fed
-    assert not ledger.admit({"a", "b"})  # b needed again: its later copies hold updates memory would not make
-    ledger = RoundLedger({"a"}, ["a", "d"])
-    assert not ledger.admit({"a", "d"})  # d was converged when the round began: never fed
-    ledger = RoundLedger({"a", "b"}, ["a", "b"])
-    assert ledger.admit({"a", "b"}) and ledger.admit(set()) and not ledger.admit({"a"})
-
-
-def test_ledger_takes_back_a_pca_fed_again_from_its_step():
-    ledger = RoundLedger({"a", "b"}, ["a", "b", "d"])
-    assert ledger.admit({"a", "b"}) and ledger.admit({"a"})
-    assert ledger.returning({"a", "b", "d"}) == {"b", "d"}  # b left out a step ago, d never fed this round
-    ledger.resume({"b", "d"})  # the driver fed them the round's remaining batches
-    assert ledger.returning({"a", "b", "d"}) == set() and ledger.admit({"a", "b", "d"})
+    assert ledger.off_pass({"a", "b", "c"}) == set()
+    ledger.take({"a", "b", "c"})
+    assert ledger.off_pass({"a", "c"}) == set()
+    ledger.take({"a", "c"})  # b converged: set back to its copy, no longer fed
+    assert ledger.off_pass({"a", "b"}) == {"b"}  # b needed again: its later copies hold updates memory would not make
+    ledger.take({"a", "b"})
+    assert ledger.off_pass({"a", "b", "c", "d"}) == {"b", "c", "d"}  # once off the pass, always; d was never fed
 
 
 def test_layout_pass_takes_the_first_sample_of_any_batch():
@@ -90,10 +82,10 @@ def test_convergence_inside_a_round_and_layers_coming_back_keep_the_in_memory_st
     early. Either way every PCA stops where it stopped in memory."""
     from evapipe.run import sequential
 
-    ends, backs = [], []
-    admit, resume = sequential.RoundLedger.admit, sequential.RoundLedger.resume
-    monkeypatch.setattr(sequential.RoundLedger, "admit", lambda self, needed: ends.append(admit(self, needed)) or ends[-1])
-    monkeypatch.setattr(sequential.RoundLedger, "resume", lambda self, back: backs.append(set(back)) or resume(self, back))
+    refeeds = []
+    refeed = sequential.SequentialRun._refeed
+    monkeypatch.setattr(sequential.SequentialRun, "_refeed",
+                        lambda self, again, rnd, j: refeeds.append(refeed(self, again, rnd, j)) or refeeds[-1])
     if not parked:
         monkeypatch.setattr(sequential.SequentialRun, "may_come_back", property(lambda self: False))
 
@@ -102,8 +94,8 @@ def test_convergence_inside_a_round_and_layers_coming_back_keep_the_in_memory_st
     updates = seq.rank_stats[0].updates
     assert updates == reference.rank_stats[0].updates  # every PCA stopped at the batch where it stopped in memory
     assert len(set(updates.values())) > 1
-    assert bool(backs) == (comes_back and parked)  # a converged PCA fed again within the round
-    assert (False in ends) == (comes_back and not parked)  # else the round ended early
+    assert bool(refeeds) == comes_back  # a step needed a PCA the blocks' pass had stopped feeding
+    assert all(refeeds) == parked  # fed from its block's parked input, or (nothing parked) the round ended early
 
 
 def in_memory_and_sequential(llama_dir: str, tmp_path, **eva) -> tuple:
@@ -165,7 +157,8 @@ def test_two_processes_feed_a_layer_that_comes_back_mid_round(tmp_path, tiny_lla
                                     "model.offload=none"]), show_progress=False).state
     two = torchrun(*compute(cfg))
     assert two.returncode == 0, two.stdout[-3000:]
-    assert "needed again" in two.stdout + two.stderr and "the next round starts there" not in two.stdout + two.stderr
+    out = two.stdout + two.stderr
+    assert "for layers needed after they had stopped" in out and "the next round starts there" not in out
     assert_same_state(one, load_state(tmp_path / "two.safetensors"), exact=False)
 
 
