@@ -46,4 +46,3 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(name)
-

@@ -44,10 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("evapipe")
 
 
-
-
-
-
 def setup_logging(rank: int, quiet: bool = False) -> None:
     """INFO on rank 0 (unless `quiet`), warnings and errors only (no loading progress bars) on the others."""
     logging.basicConfig(format="%(asctime)s evapipe: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
@@ -55,8 +51,6 @@ def setup_logging(rank: int, quiet: bool = False) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     log.setLevel(logging.INFO if rank == 0 and not quiet else logging.WARNING)
-
-
 
 
 def output_paths(cfg: JobConfig, key: str) -> list[Path]:
@@ -199,17 +193,3 @@ def check_inputs(cfg: JobConfig) -> None:
     local_data_files(resolve_data_path(cfg.data.path), cfg.data.path)
     for key in ("forward_fn", "prepare_model_inputs_fn", "prepare_layer_inputs_fn"):
         import_callable(getattr(cfg.hooks, key), f"hooks.{key}")
-
-
-
-
-
-
-
-
-
-
-
-
-
-

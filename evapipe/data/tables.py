@@ -21,14 +21,6 @@ log = logging.getLogger("evapipe")
 FINGERPRINT_ROWS = 1024  # rows hashed at a time: the fingerprint's memory does not grow with the dataset
 
 
-
-
-
-
-
-
-
-
 def load_task_data(cfg: DataConfig, kind: str = "causal-lm") -> tuple[Any, int]:
     """The configured split as a datasets.Dataset, checked non-empty and holding the columns `kind` reads, without
     rows whose used columns are null (which would be read as the text "None"); and how many such rows it skipped.
@@ -126,28 +118,10 @@ def sharded_steps(
             k += 1
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def rows_at(ds: Any, indices: list[int]) -> list[dict[str, Any]]:
     """Rows in order, decoded (image columns as PIL images, not stored bytes)."""
     columns = ds[indices]
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
-
-
 
 
 @dataclass
@@ -172,7 +146,3 @@ class TableRows:
     def steps(self, batch_size: int, world: int, rank: int, start_step: int = 0) -> Iterator[list[dict[str, Any]]]:
         for shard in sharded_steps(len(self.ds), batch_size, world, rank, self.shuffle, self.seed, start_step):
             yield rows_at(self.ds, shard.indices) if shard.indices else []
-
-
-
-

@@ -105,14 +105,10 @@ def settle_waiting(verdict: Verdict, waiting: AbstractSet[str]) -> Verdict:
     return Verdict({o: (settled if o in waiting else d) for o, d in verdict.done.items()}, verdict.done_at)
 
 
-
-
 def next_step(verdict: Verdict, refine: bool = False) -> StepPlan:
     """The capture plan after a verdict: every undone PCA, plus the done ones when refining them."""
     undone = frozenset(verdict.undone())
     return StepPlan(undone, frozenset(verdict.done) - undone if refine else frozenset())
-
-
 
 
 def fed_at(order: Sequence[str], verdict: Verdict, refine: bool = False) -> set[str]:

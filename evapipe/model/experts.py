@@ -57,12 +57,6 @@ class ExpertParam:
         return [expert_key(self.name, e) for e in range(self.num_experts)]
 
 
-
-
-
-
-
-
 def is_experts_module(module: nn.Module) -> bool:
     """A fused experts module: `num_experts` and at least one 3-D parameter with that many experts."""
     n = getattr(module, "num_experts", None)
@@ -253,5 +247,3 @@ def model_order(model: nn.Module, names: Sequence[str]) -> list[str]:
         return position[module], param_pos[parts[0]], parts[1]
 
     return sorted(names, key=key)
-
-

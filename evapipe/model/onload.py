@@ -219,7 +219,6 @@ class BlockInputs:
     kwargs: dict[str, Any]
 
     def to(self, device: torch.device) -> BlockInputs:
-
         return BlockInputs(self.hidden.to(device), to_device(self.args, device), to_device(self.kwargs, device))
 
 
@@ -232,7 +231,6 @@ class BlockCalls:
     calls: list[tuple[tuple, dict[str, Any]]]
 
     def to(self, device: torch.device) -> BlockCalls:
-
         memo: dict[int, torch.Tensor] = {}
         return BlockCalls(self.hidden.to(device), to_device(self.calls, device, memo))
 

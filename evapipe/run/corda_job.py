@@ -58,10 +58,6 @@ class CordaRankStats:
     owned: list[str] = field(default_factory=list)
 
 
-
-
-
-
 def pass_ended(rows: TaskRows, global_batch: int, step: int) -> bool:
     """Whether `step` starts a second pass over the data (a stream learns its length when its pass ends)."""
     n = rows.pass_steps(global_batch)
@@ -239,5 +235,3 @@ def corda_meta(cfg: JobConfig, targets: list[Any], sums: CovarianceSums, world: 
         tokens=max(layer_tokens.values()), shared_inputs=sums.layout.shared, target_modules=c.target_modules,
         batches=sums.step, world_size=world, versions=versions("transformers", "peft"),
     ).to_dict()
-
-

@@ -60,7 +60,6 @@ def estimate(cfg: JobConfig, world: int = 1) -> JobEstimate:
     import torch
     from transformers import AutoConfig
 
-
     m, e, d = cfg.model, cfg.eva, cfg.data
     try:
         hf = AutoConfig.from_pretrained(resolve_model_path(m.name_or_path), revision=m.revision,

@@ -67,7 +67,6 @@ class _Loaded:
 
 
 def load(cfg: JobConfig, comm: Comm, device: torch.device) -> _Loaded:
-
     hooks = UserHooks(import_callable(cfg.hooks.forward_fn, "hooks.forward_fn"),
                       import_callable(cfg.hooks.prepare_model_inputs_fn, "hooks.prepare_model_inputs_fn"),
                       import_callable(cfg.hooks.prepare_layer_inputs_fn, "hooks.prepare_layer_inputs_fn"))
@@ -88,8 +87,6 @@ def load(cfg: JobConfig, comm: Comm, device: torch.device) -> _Loaded:
 def job_provenance(cfg: JobConfig, job: dict[str, Any], loaded: _Loaded) -> dict[str, Any]:
     """The metadata a job adds to the engine's: task, store key, where the model and the data came from."""
     return provenance(cfg, job, loaded.run.source.model, loaded.kind, loaded.rows, loaded.fingerprint)
-
-
 
 
 def compute(cfg: JobConfig, comm: Comm, job: dict[str, Any], paths: list[Path], show_progress: bool, restart: bool,

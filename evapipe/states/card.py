@@ -52,7 +52,6 @@ def model_card(meta: dict[str, Any], state_url: str | None = None, license: str 
     """The card's Markdown for a state's metadata; `state_url` is where the state will be read from."""
     import yaml
 
-
     model = (meta.get("model") or {}).get("id") or "<base model>"
     data = meta.get("dataset") or {}
     state = state_url or "eva.safetensors"
@@ -139,7 +138,6 @@ def push(state: str | Path, url: str, license: str | None = None) -> list[str]:
 def _create_hub_repo(url: str) -> None:
     """The Hub repository a push writes to, created (private: False) if it does not exist yet."""
     from huggingface_hub import HfApi
-
 
     repo_type, repo_id, _, _ = hub_repo(url)
     with talking_to(url, "create the Hub repository for"):

@@ -108,13 +108,11 @@ def list_remote(url: str) -> list[tuple[str, int]]:
     return entries
 
 
-
 def save_state(state, dst, overwrite: bool = False) -> None:
     """EvaState.save to a path or a URL (a URL: written locally first, then published, refusing an existing state
     unless `overwrite`)."""
     import tempfile
     from pathlib import Path
-
 
     if not is_url(dst):
         refuse_existing(dst, overwrite)
@@ -131,7 +129,6 @@ def write_file(dst, write, overwrite: bool = False) -> None:
     `overwrite`)."""
     import tempfile
     from pathlib import Path
-
 
     if not is_url(dst):
         refuse_existing(dst, overwrite)

@@ -26,8 +26,6 @@ STATE_NAME = "eva.safetensors"
 SIDECAR_NAME = "eva.spectrum.safetensors"
 
 
-
-
 def header_digest(header: dict) -> str:
     """The cache key of a state: a hash of its recorded checksums (of its whole header for older formats)."""
     raw = header.get("__metadata__") or {}
@@ -77,7 +75,6 @@ def _download_verified(url: str, dst: Path, header: dict) -> None:
 
 
 def _fetch_sidecar(url: str, dst: Path, spectrum_id: str) -> None:
-
     side = remote_sidecar(url, spectrum_id)
     if side is None:
         log.warning("%s has no spectrum sidecar in its store: it loads without its spectrum", url)
