@@ -43,8 +43,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 MODES = ("none", "sequential", "device_map")
 
 
-def synthetic_model(folder: Path, hidden: int, layers: int, arch: str = "llama") -> str:
-    """A random Llama or Gemma-3-shaped model (MiniLM's tokenizer and vocabulary), saved in sharded safetensors once."""
+def synthetic_model(folder: Path, hidden: int, layers: int, arch: str = "llama", dtype: str = "float32",
+                    **shape_overrides: int) -> str:
+    """A random Llama or Gemma-3-shaped model (MiniLM's tokenizer and vocabulary), saved in sharded safetensors once;
+    `shape_overrides` replace config fields (intermediate_size, num_key_value_heads, ...)."""
     if (folder / "config.json").is_file():
         return str(folder)
     import torch
@@ -57,12 +59,17 @@ def synthetic_model(folder: Path, hidden: int, layers: int, arch: str = "llama")
     shape = dict(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                  num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 256,
                  max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
-                 eos_token_id=tok.sep_token_id)
-    if arch == "gemma3":
-        types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
-        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**shape, head_dim=128, sliding_window=64, layer_types=types))
-    else:
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**shape))
+                 eos_token_id=tok.sep_token_id) | shape_overrides
+    torch.set_default_dtype(getattr(torch, dtype))  # built in the saved dtype: no float32 copy of a big model
+    try:
+        if arch == "gemma3":
+            types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
+            model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**shape, head_dim=128, sliding_window=64,
+                                                             layer_types=types))
+        else:
+            model = tf.LlamaForCausalLM(tf.LlamaConfig(**shape))
+    finally:
+        torch.set_default_dtype(torch.float32)
     model.save_pretrained(folder, max_shard_size="500MB")
     tok.save_pretrained(folder)
     return str(folder)

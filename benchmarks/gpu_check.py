@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import bigmodel  # noqa: E402  (benchmarks/ is the script's folder)
+import moe_speed  # noqa: E402
 
 SHAPES = {  # (hidden, intermediate, blocks, heads, key-value heads, experts)
     ("llama", "full"): (4096, 14336, 32, 32, 8, 0),
@@ -49,36 +50,13 @@ DENSE = ATTENTION + ["gate_proj", "up_proj", "down_proj"]  # named: PEFT's EVA d
 
 
 def build(kind: str, size: str, layers: int | None, folder: Path) -> str:
-    """The random bf16 model, saved once."""
-    if (folder / "config.json").is_file():
-        return str(folder)
-    import torch
-    import transformers as tf
-
-    from evapipe.core.sources import resolve_model_path
-
+    """The random bf16 model, saved once (bigmodel.py's and moe_speed.py's builders, at these shapes)."""
     hidden, inter, blocks, heads, kv, experts = SHAPES[kind, size]
-    blocks = layers or blocks
-    tok = tf.AutoTokenizer.from_pretrained(resolve_model_path("builtin:minilm"))
-    shape = dict(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=blocks,
-                 num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=512,
-                 pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
+    shape = dict(intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv)
     if kind == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**shape))
-    else:
-        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(blocks)]
-        model = tf.GptOssForCausalLM(tf.GptOssConfig(**shape, head_dim=64, num_local_experts=experts,
-                                                     num_experts_per_tok=4, sliding_window=64, layer_types=types))
-        with torch.no_grad():  # random init leaves some expert parameters empty: give every one a scale
-            for name, p in model.named_parameters():
-                if "experts" in name or "router" in name:
-                    p.normal_(0, 0.02)
-    torch.set_default_dtype(torch.float32)
-    model.save_pretrained(folder, max_shard_size="2GB")
-    tok.save_pretrained(folder)
-    return str(folder)
+        return bigmodel.synthetic_model(folder, hidden, layers or blocks, dtype="bfloat16", **shape)
+    return moe_speed.synthetic_gpt_oss(folder, hidden, layers or blocks, experts, dtype="bfloat16",
+                                       sliding_window=64, **shape)
 
 
 def job_config(model: str, kind: str, mode: str, args: argparse.Namespace, out: Path) -> dict:

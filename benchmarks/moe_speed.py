@@ -35,8 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 R = 8
 
 
-def synthetic_gpt_oss(folder: Path, hidden: int, layers: int, experts: int) -> str:
-    """A random gpt-oss (MiniLM's tokenizer and vocabulary), saved in sharded safetensors once."""
+def synthetic_gpt_oss(folder: Path, hidden: int, layers: int, experts: int, dtype: str = "float32",
+                      **shape_overrides: int) -> str:
+    """A random gpt-oss (MiniLM's tokenizer and vocabulary), saved in sharded safetensors once; `shape_overrides`
+    replace config fields (num_attention_heads, sliding_window, ...)."""
     if (folder / "config.json").is_file():
         return str(folder)
     import torch
@@ -46,14 +48,18 @@ def synthetic_gpt_oss(folder: Path, hidden: int, layers: int, experts: int) -> s
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:minilm"))
     torch.manual_seed(0)
-    cfg = GptOssConfig(
+    shape = dict(
         vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 512), head_dim=64,
         num_local_experts=experts, num_experts_per_tok=4, sliding_window=32, max_position_embeddings=512,
         layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
         pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-    )
-    model = GptOssForCausalLM(cfg)
+    ) | shape_overrides
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        model = GptOssForCausalLM(GptOssConfig(**shape))
+    finally:
+        torch.set_default_dtype(torch.float32)
     with torch.no_grad():  # random init leaves some parameters empty-initialised: give every one a scale
         for name, p in model.named_parameters():
             if "experts" in name or "router" in name:

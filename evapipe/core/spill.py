@@ -47,11 +47,6 @@ class Spill:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def size(self) -> int:
-        """Bytes written so far."""
-        return self._end
-
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

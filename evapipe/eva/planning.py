@@ -117,6 +117,13 @@ def fed_at(order: Sequence[str], verdict: Verdict, refine: bool = False) -> set[
     return capture_depth(order, next_step(verdict, refine))[1]
 
 
+def layers_come_back(rho: float, refine: bool) -> bool:
+    """Whether a PCA the in-memory loop stopped feeding can be needed again at a later step: when ranks move
+    (rho > 1, a converged layer's rank can grow past what passed the cosine test) or converged layers are refined
+    (a deeper unconverged layer makes the pass reach them again). With rho 1 and no refining, ranks stay put."""
+    return rho > 1 or refine
+
+
 def unconverged(layout: Layout, verdict: Verdict, ranks: Mapping[str, int]) -> list[str]:
     """The layers with a rank whose PCA is not done (what eva.on_unconverged acts on)."""
     return [n for n in layout.members(verdict.undone()) if ranks[n] > 0]

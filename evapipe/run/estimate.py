@@ -15,6 +15,7 @@ from ..core.config import EvaSettings, JobConfig
 from ..core.errors import ConfigError
 from ..core.sources import resolve_model_path
 from ..eva.budget import layer_r
+from ..eva.planning import layers_come_back
 from ..model.experts import resolve_expert_params
 from ..model.loading import model_class, model_kind
 from ..model.memory import fmt_bytes, largest_unit, module_bytes
@@ -94,8 +95,8 @@ def estimate(cfg: JobConfig, world: int = 1) -> JobEstimate:
         default=0,
     )
     round_size = m.sequential_round
-    # with rho > 1 or refining, a round parks every block's input of every batch (a layer may be fed again)
-    parked = round_size * len(blocks) * tokens * hidden * itemsize if e.rho > 1 or e.refine_converged else 0
+    # where a layer can come back, a round parks every block's input of every batch (to feed it again)
+    parked = round_size * len(blocks) * tokens * hidden * itemsize if layers_come_back(e.rho, e.refine_converged) else 0
     modes = [
         ModeEstimate("none", total, working + captured_all, pca_share, 0, spectrum),
         ModeEstimate("sequential", max(total - in_blocks - head_bytes, one_block), working + per_block, pca_share,

@@ -46,7 +46,7 @@ from ..core.distributed import Comm, collectively
 from ..core.errors import ConfigError
 from ..core.spill import Parked, Spill
 from ..eva.guards import check_layer_inputs
-from ..eva.planning import fed_at
+from ..eva.planning import fed_at, layers_come_back
 from ..eva.roundcopies import RoundCopies
 from ..model.forward import Selection, UserHooks, to_device
 from ..model.layout import Layout
@@ -189,17 +189,23 @@ class SequentialRun(Driver):
         host = calls[0].to(HOST)
         return _InFlight(host, selection, host.calls)
 
+    def _pass(self, block: torch.nn.Module, call: BlockInputs, item: _InFlight,
+              first: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """One batch's call through one block under the capture hooks: the captured layers' tokens, and the block's
+        output (None where the pass stopped after the last layer it captures)."""
+        out = []
+        tokens = self.source.capture_pass(lambda: out.append(self.blocks.call(block, call)), item.selection, first)
+        check_layer_inputs(tokens, self.core.width)
+        return tokens, (out[0] if out else None)
+
     def _through(self, i: int, block: torch.nn.Module, item: _InFlight, first: bool = False) -> dict[str, torch.Tensor]:
         """One batch through block i, called as the model calls it: its active layers' tokens; the batch moves on
         to the next block."""
         if item.calls is None:
             return {}
-        out = []
-        call = item.calls.inputs(i, self.blocks.device)
-        tokens = self.source.capture_pass(lambda: out.append(self.blocks.call(block, call)), item.selection, first)
-        check_layer_inputs(tokens, self.core.width)
-        if out:
-            item.calls.hidden = out[0].to(HOST)
+        tokens, out = self._pass(block, item.calls.inputs(i, self.blocks.device), item, first)
+        if out is not None:
+            item.calls.hidden = out.to(HOST)
         else:
             item.calls = None
         return tokens
@@ -210,10 +216,7 @@ class SequentialRun(Driver):
         if parked is None or rnd.inputs is None:
             return {}
         args, kwargs = item.each[i]
-        call = BlockInputs(rnd.inputs.read(parked), args, kwargs).to(self.blocks.device)
-        tokens = self.source.capture_pass(lambda: self.blocks.call(block, call), item.selection)
-        check_layer_inputs(tokens, self.core.width)
-        return tokens
+        return self._pass(block, BlockInputs(rnd.inputs.read(parked), args, kwargs).to(self.blocks.device), item)[0]
 
     def _layout(self, item: _InFlight) -> Layout:
         """Shared-input groups and execution order from the first batch, pushed through the blocks one by one."""
@@ -292,9 +295,8 @@ class SequentialRun(Driver):
 
     @property
     def may_come_back(self) -> bool:
-        """Whether a layer the round stops feeding can be needed again later in it: when ranks move (rho > 1) or
-        converged layers are refined. Only then are the blocks' inputs parked, to feed such a layer again."""
-        return self.settings.rho > 1 or self.settings.refine_converged
+        """Whether the blocks' inputs are parked, to feed a layer that is needed again after it had stopped."""
+        return layers_come_back(self.settings.rho, self.settings.refine_converged)
 
     def _refeed(self, again: AbstractSet[str], rnd: _Round, j: int) -> bool:
         """Feed the PCAs a step needs off the blocks' pass (a converged layer whose rank grew, and any that came

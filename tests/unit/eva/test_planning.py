@@ -17,6 +17,7 @@ from evapipe.eva.planning import (
     component_caps,
     converged,
     judge,
+    layers_come_back,
     next_step,
     settle_waiting,
     unconverged,
@@ -159,3 +160,13 @@ def test_snapshot_loop_is_json_and_round_trips():
     loop = json.loads(json.dumps(snap.loop()))
     assert loop["progress"]["groups"] == [["q", "k", "v"], ["o"], ["up"]]
     assert Snapshot.from_loop(loop, {}) == snap
+
+
+def test_layers_come_back_only_where_ranks_move_or_converged_layers_are_refined():
+    assert not layers_come_back(1.0, False)
+    assert layers_come_back(1.5, False) and layers_come_back(1.0, True)
+    # why rho 1 is safe: every layer's cap is r, and the budget (r per layer) hands each exactly its cap
+    caps = component_caps({"a": 4, "b": 4}, 1.0, {"a": 16, "b": 16})
+    layout = Layout.of([["a"], ["b"]], ["a", "b"])
+    for ratios in ({"a": [0.9] * 8, "b": [0.01] * 8}, {"a": [0.01] * 8, "b": [0.9] * 8}):
+        assert allocate(ratios, layout, 8, caps, ["a", "b"]) == {"a": 4, "b": 4}
